@@ -1,0 +1,3 @@
+from deit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The ``deit`` command line: each subcommand builds a config and calls the library.
+
+    deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --distillation-type hard
+    deit eval --checkpoint runs/student/checkpoint.pth
+    deit demo
+    deit models [PATTERN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from deit.checkpoint import CheckpointError
+from deit.config import ConfigError, TrainConfig, list_presets, load_config, parse_assignment, with_overrides
+from deit.data import DATASET_ALIASES, DataError
+from deit.losses import DISTILLATION_TYPES, KL_REDUCTIONS
+from deit.models import EVAL_OUTPUTS, list_models
+from deit.teachers import TeacherMismatchError
+from deit.training import RunError
+
+log = logging.getLogger("deit")
+
+# (flag, config key, type, help); flags follow the official DeiT code where it has one.
+# A flag left out keeps the value of --config (or the default), so presets stay in charge.
+TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
+    ("--model", "model.name", str, "deit variant (see `deit models`) or any timm model, e.g. resnet18 for a teacher"),
+    ("--drop-path", "model.drop_path", float, "stochastic depth rate"),
+    ("--drop", "model.dropout", float, "dropout rate"),
+    ("--attn-impl", "model.attn_impl", str, "attention kernel: sdpa or math (faster on CPU under bf16)"),
+    ("--eval-output", "model.eval_output", str, f"what a distilled model predicts at test time: {', '.join(EVAL_OUTPUTS)}"),
+    ("--data-set", "data.dataset", str, "fashion-mnist, cifar10, cifar100, imagefolder (also CIFAR = cifar100, IMNET)"),
+    ("--data-path", "data.path", str, "folder of the data set (ImageFolder: with train/ and val/)"),
+    ("--input-size", "data.input_size", int, "image side in pixels (default: the data set's own)"),
+    ("--in-chans", "data.in_chans", int, "image folders: 1 to read grayscale, 3 for RGB"),
+    ("--train-subset", "data.train_subset", int, "train on a seeded class-balanced subset of this many images"),
+    ("--num-workers", "data.num_workers", int, "data loader worker processes"),
+    ("--epochs", "optim.epochs", int, "training epochs"),
+    ("--batch-size", "optim.batch_size", int, "images per step and process"),
+    ("--lr", "optim.lr", float, "learning rate for a global batch of 512 (scaled linearly)"),
+    ("--min-lr", "optim.min_lr", float, "end of the cosine decay"),
+    ("--warmup-epochs", "optim.warmup_epochs", float, "linear warm-up length in epochs"),
+    ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay"),
+    ("--smoothing", "optim.label_smoothing", float, "label smoothing"),
+    ("--clip-grad", "optim.clip_grad", float, "clip the global gradient norm to this value"),
+    ("--distillation-type", "distill.type", str, f"one of {', '.join(DISTILLATION_TYPES)}"),
+    ("--distillation-alpha", "distill.alpha", float, "weight of the teacher term (label term: 1 - alpha)"),
+    ("--distillation-tau", "distill.tau", float, "soft distillation temperature"),
+    ("--kl-reduction", "distill.kl_reduction", str, f"soft distillation KL reduction: {', '.join(KL_REDUCTIONS)}"),
+    ("--teacher-model", "distill.teacher_model", str, "teacher architecture (timm name) for a --teacher-path from elsewhere"),
+    ("--teacher-path", "distill.teacher_path", str, "teacher weights: a `deit train` checkpoint or an official .pth"),
+    ("--output-dir", "run.output_dir", str, "where checkpoints and logs go"),
+    ("--resume", "run.resume", str, "checkpoint to continue from, or 'auto' for the output dir's latest"),
+    ("--seed", "run.seed", int, "random seed"),
+    ("--device", "run.device", str, "auto, cpu, cuda, cuda:N"),
+    ("--amp", "run.amp", str, "autocast precision: none, bf16, fp16"),
+]
+TRAIN_SWITCHES = [
+    ("--teacher-pretrained", "distill.teacher_pretrained", True, "download timm's weights for --teacher-model"),
+    ("--download", "data.download", True, "download Fashion-MNIST / CIFAR if missing"),
+    ("--no-progress", "run.progress", False, "no progress bar"),
+    ("--no-eval-teacher", "run.eval_teacher", False, "skip the teacher's own evaluation"),
+]
+
+
+def _dest(key: str) -> str:
+    return key.replace(".", "__")
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a DeiT student (or a CNN teacher)",
+        description="Train a model. Start from --config (a YAML file or a bundled preset), then flags override it.",
+    )
+    parser.add_argument("--config", help=f"YAML config file or preset name ({', '.join(list_presets())})")
+    for flag, key, kind, text in TRAIN_FLAGS:
+        parser.add_argument(flag, dest=_dest(key), type=kind, default=None, metavar=key.split(".")[1].upper(), help=f"{text} [{key}]")
+    for flag, key, value, text in TRAIN_SWITCHES:
+        parser.add_argument(flag, dest=_dest(key), action="store_const", const=value, default=None, help=f"{text} [{key}]")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.betas=[0.9,0.95]")
+    parser.set_defaults(handler=run_train)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    config = load_config(args.config) if args.config else TrainConfig()
+    overrides = {}
+    for key in [key for _, key, _, _ in TRAIN_FLAGS] + [key for _, key, _, _ in TRAIN_SWITCHES]:
+        value = getattr(args, _dest(key))
+        if value is not None:
+            overrides[key] = value
+    overrides.update(parse_assignment(text) for text in args.set)
+    return with_overrides(config, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from deit.training import fit
+
+    result = fit(train_config_from_args(args))
+    summary = {"final": result.final, "best_acc1": result.best_acc1, "teacher": result.teacher, "seconds": result.seconds}
+    if result.output_dir is not None:
+        (result.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("wrote %s", result.output_dir)
+    print(json.dumps({"acc1": result.final.get("acc1"), "best_acc1": result.best_acc1}))
+    return 0
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate every head of a checkpoint", description="Evaluate a `deit train` checkpoint.")
+    parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True, help="a checkpoint written by deit train")
+    parser.add_argument("--data-set", help="default: the checkpoint's data set")
+    parser.add_argument("--data-path", help="default: the checkpoint's data path")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="none", help="none, bf16, fp16")
+    parser.add_argument("--eval-output", choices=EVAL_OUTPUTS, help="prediction of a distilled model (default: as trained)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from deit.training import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        dataset=args.data_set,
+        data_path=args.data_path,
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=args.amp,
+        eval_output=args.eval_output,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(f"{'prediction':<14} {'top-1':>7} {'top-5':>7}")
+    for head in ("", "cls_", "dist_", "avg_logits_", "softmax_sum_"):
+        if f"{head}acc1" in metrics:
+            print(f"{head.rstrip('_') or 'prediction':<14} {metrics[f'{head}acc1']:7.2f} {metrics[f'{head}acc5']:7.2f}")
+    print(f"{metrics['num_samples']} images, loss {metrics['loss']:.4f}")
+    return 0
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    from deit.demo import DemoSettings
+
+    defaults = DemoSettings()
+    parser = subparsers.add_parser(
+        "demo",
+        help="teacher + three students on Fashion-MNIST, as the paper's distillation table",
+        description="Train a CNN teacher, then the same DeiT student without distillation, with soft and with hard "
+        "distillation, and print a table in the form of the paper's.",
+    )
+    parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument("--data-path", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=defaults.teacher_epochs)
+    parser.add_argument("--train-subset", type=int, default=defaults.train_subset, help="training images (0: all 60000)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from deit.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        output_dir=args.output_dir,
+        data_path=args.data_path,
+        epochs=args.epochs,
+        teacher_epochs=args.teacher_epochs,
+        train_subset=args.train_subset or None,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    report = run_demo(settings)
+    print(report.markdown)
+    print(f"\nwrote {report.markdown_path} and {report.json_path}")
+    return 0
+
+
+def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list the deit model variants")
+    parser.add_argument("pattern", nargs="?", default="")
+    parser.set_defaults(handler=lambda args: print("\n".join(list_models(args.pattern))) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deit",
+        description="Data-efficient image transformers: train DeiT students distilled from CNN teachers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_demo_parser(subparsers)
+    add_models_parser(subparsers)
+    return parser
+
+
+# errors that describe bad input: print the message, not a traceback
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherMismatchError, RunError, FileNotFoundError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        if args.verbose:
+            raise
+        print(f"deit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

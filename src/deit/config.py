@@ -1,0 +1,196 @@
+"""Run configuration: frozen dataclasses, YAML presets, dotted overrides.
+
+A config is built once (preset, then overrides) and never mutated; the
+resolved config is written next to every run as ``config.yaml``. Every
+hyperparameter is documented once, here, with its unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "deit_nano_distilled_patch4_28"  # a deit variant (`deit models`) or any timm model
+    drop_path: float = 0.1  # stochastic depth probability at the last block (linear from 0)
+    dropout: float = 0.0  # dropout on projections; the paper uses none
+    attn_impl: str = "sdpa"  # "sdpa" (fused) or "math" (faster on CPU under bf16)
+    eval_output: str = "avg_logits"  # distilled models: avg_logits | softmax_sum | cls | dist
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagefolder (or CIFAR, IMNET)
+    path: str | None = None  # folder of the data; Fashion-MNIST defaults to Debian's copy
+    input_size: int | None = None  # side in pixels; default: the data set's own
+    in_chans: int | None = None  # image folders only: 1 reads grayscale, 3 (default) RGB
+    download: bool = False  # fetch Fashion-MNIST / CIFAR when missing (needs the internet)
+    train_subset: int | None = None  # train on a seeded, class-balanced subset of this many images
+    num_workers: int = 0  # loader worker processes; 0 decodes in the training process
+    hflip: float = 0.5  # horizontal flip probability
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 300
+    batch_size: int = 64  # images per process and step
+    lr: float = 5e-4  # AdamW learning rate for a global batch of 512 (scaled by batch / 512)
+    scale_lr: bool = True  # false: use lr as given, whatever the batch
+    min_lr: float = 1e-5  # floor of the cosine decay
+    warmup_lr: float = 1e-6  # learning rate at the first step
+    warmup_epochs: float = 5  # linear warm-up, per iteration
+    weight_decay: float = 0.05  # not applied to biases, norms, position embedding, tokens
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    label_smoothing: float = 0.1
+    clip_grad: float | None = None  # max global gradient norm; None: no clipping
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    type: str = "none"  # none | soft | hard
+    alpha: float = 0.5  # weight of the teacher term; the label term gets 1 - alpha
+    tau: float = 1.0  # soft distillation temperature
+    kl_reduction: str = "batchmean"  # batchmean | official (sum / (batch x classes)), see losses.py
+    teacher_model: str | None = None  # timm name, or the architecture of a teacher_path from elsewhere
+    teacher_path: str | None = None  # a `deit train` checkpoint, an official {'model': ...} file, a state dict
+    teacher_pretrained: bool = False  # download timm's weights for teacher_model (needs the internet)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str | None = None  # checkpoints, metrics.jsonl, config.yaml; None: write nothing
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
+    amp: str = "none"  # none | bf16 | fp16 autocast
+    resume: str | None = None  # a checkpoint to continue from, or "auto" for output_dir's latest
+    eval_teacher: bool = True  # also report the teacher's accuracy on the validation set
+    progress: bool = True  # show a progress bar
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """An unknown key or a value of the wrong type in a config file or override."""
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain dicts, lists and scalars: safe for YAML, JSON and weights-only checkpoints."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    return {
+        section.name: {key: plain(value) for key, value in dataclasses.asdict(getattr(config, section.name)).items()}
+        for section in dataclasses.fields(config)
+    }
+
+
+def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Build a config from nested dicts; missing keys keep ``base``'s values."""
+    config = base or TrainConfig()
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - sections)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
+    for section, entries in values.items():
+        if not isinstance(entries, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {entries!r}")
+        config = with_overrides(config, {f"{section}.{key}": value for key, value in entries.items()})
+    return config
+
+
+def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """A new config with dotted keys replaced, e.g. ``{"optim.lr": 1e-3, "distill.type": "hard"}``."""
+    replacements: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        current = getattr(config, section, None)
+        if not dataclasses.is_dataclass(current) or section not in {f.name for f in dataclasses.fields(config)}:
+            raise ConfigError(f"unknown config key {dotted!r}: sections are model, data, optim, distill, run")
+        fields = {f.name: f for f in dataclasses.fields(current)}
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}; {section} has {sorted(fields)}")
+        replacements.setdefault(section, {})[key] = _coerce(dotted, value, getattr(current, key), fields[key].type)
+    return dataclasses.replace(
+        config, **{section: dataclasses.replace(getattr(config, section), **kv) for section, kv in replacements.items()}
+    )
+
+
+def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
+    """Check a value against its field's type and convert the lossless cases (int -> float, list -> tuple)."""
+    if value is None:
+        if "None" not in str(annotation):
+            raise ConfigError(f"{key} cannot be empty")
+        return None
+    if "tuple" in str(annotation):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(float(v) for v in value)
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if str(annotation).startswith(name):
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"{key} must be {name}, got {value!r}")
+            return value
+    return value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``; values are read as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
+    return key.strip(), value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config file, or a bundled preset by name (``fashion_mnist``, see ``list_presets``)."""
+    path = Path(path)
+    if not path.is_file() and (PRESETS_DIR / f"{path.name}.yaml").is_file() and path.suffix == "":
+        path = PRESETS_DIR / f"{path.name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; bundled presets are {list_presets()}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, data, optim, distill, run)")
+    try:
+        return config_from_dict(values, base)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

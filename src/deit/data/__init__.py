@@ -1,0 +1,81 @@
+"""Data: data sets, transform presets and loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from deit.data.datasets import (
+    DATASET_ALIASES,
+    DataError,
+    DatasetInfo,
+    balanced_subset,
+    canonical_dataset_name,
+    load_datasets,
+)
+from deit.data.transforms import eval_transform, train_transform
+
+__all__ = [
+    "DATASET_ALIASES",
+    "DataBundle",
+    "DataError",
+    "DatasetInfo",
+    "build_data",
+    "canonical_dataset_name",
+    "load_datasets",
+]
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    info: DatasetInfo
+    input_size: int
+
+
+def build_data(
+    dataset: str,
+    data_path: str | None,
+    *,
+    batch_size: int,
+    seed: int,
+    input_size: int | None = None,
+    download: bool = False,
+    in_chans: int | None = None,
+    train_subset: int | None = None,
+    num_workers: int = 0,
+    hflip: float = 0.5,
+    eval_batch_size: int | None = None,
+    pin_memory: bool = False,
+) -> DataBundle:
+    """Data sets with their transforms, wrapped in seeded loaders."""
+    train_set, val_set, info = load_datasets(dataset, data_path, download=download, in_chans=in_chans)
+    size = input_size or info.native_size
+    if size is None:
+        raise DataError(f"{info.name} images have no common size: give --input-size")
+    stats = {"mean": info.mean, "std": info.std, "native_size": info.native_size, "input_size": size}
+    train_set.transform = train_transform(hflip=hflip, **stats)
+    val_set.transform = eval_transform(**stats)
+    if train_subset is not None:
+        train_set = Subset(train_set, balanced_subset(train_set.targets, train_subset, seed))
+    if len(train_set) < batch_size:
+        raise DataError(f"the training set has {len(train_set)} images, fewer than one batch of {batch_size}")
+    train_loader = _loader(train_set, batch_size, shuffle=True, seed=seed, workers=num_workers, pin=pin_memory)
+    val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, shuffle=False, seed=seed, workers=num_workers, pin=pin_memory)
+    return DataBundle(train_loader, val_loader, info, size)
+
+
+def _loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle,  # equal-sized training batches; evaluation sees every image
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,15 @@
+"""Models: the DeiT / ViT transformer, its named variants, and timm models by name."""
+
+from deit.models.registry import VARIANTS, create_model, is_deit_model, list_models
+from deit.models.vit import EVAL_OUTPUTS, ViTConfig, VisionTransformer, fuse_heads
+
+__all__ = [
+    "EVAL_OUTPUTS",
+    "VARIANTS",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "fuse_heads",
+    "is_deit_model",
+    "list_models",
+]

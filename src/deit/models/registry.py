@@ -1,0 +1,110 @@
+"""Named model variants and ``create_model``.
+
+Our own transformers are listed in ``VARIANTS``; any other name is looked up
+in timm, which is how CNN teachers (``resnet18``, ``regnety_160``, ...) are
+built. Prefix a name with ``timm:`` to force timm's implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from torch import nn
+
+from deit.models.vit import ViTConfig, VisionTransformer
+
+# width, depth, heads of each size; tiny/small/base are the paper's Table 1
+_SIZES = {
+    "pico": (64, 4, 2),
+    "nano": (128, 6, 4),
+    "micro": (192, 6, 3),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+# (patch size, input size): the paper's ImageNet resolutions, and 28 / 32 px for MNIST-like and CIFAR data
+_PAPER_GRIDS = ((16, 224), (16, 384))
+_SMALL_IMAGE_GRIDS = ((4, 28), (7, 28), (4, 32), (8, 32))
+
+
+def _variants() -> dict[str, ViTConfig]:
+    variants = {}
+    for size, (dim, depth, heads) in _SIZES.items():
+        grids = _PAPER_GRIDS if size in ("tiny", "small", "base") else _SMALL_IMAGE_GRIDS
+        for patch, img in grids:
+            for distilled in (False, True):
+                name = f"deit_{size}_{'distilled_' if distilled else ''}patch{patch}_{img}"
+                variants[name] = ViTConfig(
+                    img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, distilled=distilled
+                )
+    return variants
+
+
+VARIANTS: dict[str, ViTConfig] = _variants()
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Names of our own variants that contain ``pattern``."""
+    return sorted(name for name in VARIANTS if pattern in name)
+
+
+def is_deit_model(name: str) -> bool:
+    return name in VARIANTS
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    *,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    pretrained: bool | str = False,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a model by name.
+
+    For our variants, ``overrides`` are fields of ``ViTConfig`` (``drop_path_rate``,
+    ``attn_impl``, ``eval_output``, ...) and ``pretrained`` is a path to a
+    checkpoint file (official ``{'model': ...}``, timm state dict, or ours).
+    Any other name goes to ``timm.create_model`` with the same arguments.
+    """
+    if name.startswith("timm:") or name not in VARIANTS:
+        return _create_timm_model(name.removeprefix("timm:"), num_classes, in_chans, img_size, pretrained, overrides)
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"{name}: unknown option(s) {unknown}; ViTConfig fields are {sorted(fields)}")
+    config = dataclasses.replace(VARIANTS[name], num_classes=num_classes, in_chans=in_chans, **overrides)
+    if img_size is not None:
+        config = dataclasses.replace(config, img_size=img_size)
+    model = VisionTransformer(config)
+    if pretrained is True:
+        raise ValueError(f"{name}: pass the path of a weights file as pretrained=")
+    if pretrained:
+        from deit.checkpoint import read_state_dict
+
+        model.load_state_dict(read_state_dict(pretrained))
+    return model
+
+
+def _create_timm_model(
+    name: str, num_classes: int, in_chans: int, img_size: int | None, pretrained: bool | str, overrides: dict[str, Any]
+) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, list(VARIANTS) + timm.list_models(), n=5)
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ValueError(f"unknown model {name!r}: neither a deit variant nor a timm model{hint}")
+    kwargs = dict(overrides)
+    if img_size is not None and ("vit" in name or "deit" in name):  # CNNs take any size
+        kwargs.setdefault("img_size", img_size)
+    checkpoint_path = pretrained if isinstance(pretrained, str) else None
+    model = timm.create_model(name, pretrained=pretrained is True, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if checkpoint_path:
+        from deit.checkpoint import read_state_dict
+
+        model.load_state_dict(read_state_dict(checkpoint_path))
+    return model

@@ -1,0 +1,347 @@
+"""A whole training run from a config: build, train, evaluate, log, checkpoint.
+
+``fit(config)`` is what ``deit train`` calls; ``evaluate_checkpoint`` is
+``deit eval``. Output directory layout:
+
+    config.yaml       the resolved config
+    metrics.jsonl     one JSON record per epoch (train losses, every head's accuracy)
+    checkpoint.pth    the latest epoch (model, optimizer, RNG states), written atomically
+    best.pth          the epoch with the best validation top-1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deit.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from deit.config import ModelConfig, TrainConfig, config_to_dict, save_config
+from deit.data import DataBundle, DatasetInfo, build_data
+from deit.engine import Precision, evaluate, train_one_epoch
+from deit.losses import DistillationLoss
+from deit.models import VisionTransformer, create_model, is_deit_model
+from deit.optim import WarmupCosine, build_optimizer
+from deit.teachers import InputSpec, Teacher, build_teacher
+
+log = logging.getLogger("deit")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue as configured; the message says why."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path | None
+    final: dict[str, float]  # validation metrics after the last epoch
+    best_acc1: float
+    teacher: dict[str, float] | None  # the teacher's validation metrics, when there is one
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    model: nn.Module | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {name} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_options(config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for ``create_model`` from the model section."""
+    options: dict[str, Any] = {"drop_path_rate": config.drop_path, "drop_rate": config.dropout}
+    if is_deit_model(config.name):
+        options.update(attn_impl=config.attn_impl, eval_output=config.eval_output)
+    return options
+
+
+def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> dict[str, Any]:
+    """Everything needed to rebuild the model from a checkpoint (see checkpoint.model_from_checkpoint)."""
+    return {
+        "name": config.name,
+        "num_classes": info.num_classes,
+        "in_chans": info.in_chans,
+        "img_size": input_size if is_deit_model(config.name) else None,
+        "options": model_options(config),
+    }
+
+
+def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG the run draws from, as tensors and plain lists (loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "loader": loader_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    loader_generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _prepare_output_dir(config: TrainConfig) -> Path | None:
+    if config.run.output_dir is None:
+        return None
+    out = Path(config.run.output_dir)
+    if (out / "checkpoint.pth").exists() and config.run.resume is None:
+        raise RunError(
+            f"{out} already holds a run (checkpoint.pth): add --resume auto to continue it, "
+            "or choose another --output-dir; nothing was overwritten"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _resume_path(config: TrainConfig, out: Path | None) -> Path | None:
+    if config.run.resume is None:
+        return None
+    if config.run.resume == "auto":
+        if out is None:
+            raise RunError("--resume auto needs --output-dir")
+        latest = out / "checkpoint.pth"
+        return latest if latest.exists() else None  # nothing yet: start from scratch
+    return Path(config.run.resume)
+
+
+def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | None:
+    distill = config.distill
+    if distill.type == "none" and not (distill.teacher_path or distill.teacher_pretrained):
+        return None
+    return build_teacher(
+        distill.teacher_model,
+        distill.teacher_path,
+        student_input=InputSpec(data.info.in_chans, data.info.mean, data.info.std),
+        num_classes=data.info.num_classes,
+        class_names=data.info.class_names,
+        input_size=data.input_size,
+        pretrained=distill.teacher_pretrained,
+    )
+
+
+def _explain_heads(model: nn.Module, distillation_type: str) -> None:
+    distilled = isinstance(model, VisionTransformer) and model.distilled
+    if distilled and distillation_type == "none":
+        log.warning(
+            "distilled model without a teacher: both the class and the distillation head learn from the labels, "
+            "so the fused prediction never includes an untrained head"
+        )
+    elif not distilled and distillation_type != "none":
+        log.info("the model has no distillation token: label and teacher terms both train its single head")
+
+
+def fit(config: TrainConfig) -> TrainResult:
+    """Train a model as ``config`` says and return its metrics (and the trained model)."""
+    started = time.perf_counter()
+    device = resolve_device(config.run.device)
+    precision = Precision.resolve(config.run.amp, device)
+    out = _prepare_output_dir(config)
+    seed_everything(config.run.seed)
+    data = build_data(
+        config.data.dataset,
+        config.data.path,
+        batch_size=config.optim.batch_size,
+        seed=config.run.seed,
+        input_size=config.data.input_size,
+        download=config.data.download,
+        in_chans=config.data.in_chans,
+        train_subset=config.data.train_subset,
+        num_workers=config.data.num_workers,
+        hflip=config.data.hflip,
+        pin_memory=device.type == "cuda",
+    )
+    spec = model_spec(config.model, data.info, data.input_size)
+    model = create_model(
+        spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], img_size=spec["img_size"], **spec["options"]
+    ).to(device)
+    teacher = _build_teacher(config, data)
+    if teacher is not None:
+        teacher = teacher.to(device)
+    criterion = DistillationLoss(
+        config.distill.type,
+        alpha=config.distill.alpha,
+        tau=config.distill.tau,
+        kl_reduction=config.distill.kl_reduction,
+        label_smoothing=config.optim.label_smoothing,
+    )
+    _explain_heads(model, config.distill.type)
+    global_batch = config.optim.batch_size
+    steps_per_epoch = len(data.train_loader)
+    optimizer = build_optimizer(model, config.optim, global_batch)
+    schedule = WarmupCosine.from_config(config.optim, global_batch, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if precision.dtype == torch.float16 else None
+    log.info(
+        "model %s (%.2fM parameters), %s, %d training / %d validation images at %d px, %s, lr %.2e",
+        config.model.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        data.info.name,
+        len(data.train_loader.dataset),
+        len(data.val_loader.dataset),
+        data.input_size,
+        precision.describe(),
+        schedule.peak_lr,
+    )
+
+    start_epoch, best_acc1, history = 0, 0.0, []
+    resume_from = _resume_path(config, out)
+    if resume_from is not None:
+        start_epoch, best_acc1, history = _resume(resume_from, spec, model, optimizer, scaler, data)
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    if out is not None:
+        save_config(config, out / "config.yaml")
+
+    teacher_metrics = None
+    if teacher is not None and config.run.eval_teacher:
+        teacher_metrics = evaluate(teacher, data.val_loader, device=device, precision=precision, description="teacher")
+        log.info("teacher %s: top-1 %.2f%% on the validation set", teacher.name, teacher_metrics["acc1"])
+
+    final: dict[str, float] = history[-1]["val"] if history else {}
+    for epoch in range(start_epoch, config.optim.epochs):
+        epoch_start = time.perf_counter()
+        train_metrics = train_one_epoch(
+            model,
+            criterion,
+            data.train_loader,
+            optimizer,
+            lr_at=schedule,
+            first_step=epoch * steps_per_epoch,
+            device=device,
+            precision=precision,
+            teacher=teacher,
+            scaler=scaler,
+            clip_grad=config.optim.clip_grad,
+            progress=config.run.progress,
+            description=f"epoch {epoch + 1}/{config.optim.epochs}",
+        )
+        final = evaluate(model, data.val_loader, device=device, precision=precision, progress=config.run.progress)
+        record = {"epoch": epoch + 1, "train": train_metrics, "val": final, "seconds": time.perf_counter() - epoch_start}
+        if teacher_metrics is not None:
+            record["teacher"] = teacher_metrics
+        history.append(record)
+        improved = final["acc1"] > best_acc1
+        best_acc1 = max(best_acc1, final["acc1"])
+        log.info(
+            "epoch %d/%d: train loss %.4f, val top-1 %.2f%% (best %.2f%%), %.0f im/s",
+            epoch + 1,
+            config.optim.epochs,
+            train_metrics["loss"],
+            final["acc1"],
+            best_acc1,
+            train_metrics["images_per_sec"],
+        )
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as metrics_log:
+                metrics_log.write(json.dumps(record) + "\n")
+            state = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "model": model.state_dict(),
+                "model_spec": spec,
+                "data": {
+                    "dataset": data.info.name,
+                    "class_names": list(data.info.class_names),
+                    "mean": list(data.info.mean),
+                    "std": list(data.info.std),
+                    "input_size": data.input_size,
+                },
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch + 1,
+                "best_acc1": best_acc1,
+                "history": history,
+                "config": config_to_dict(config),
+                "rng": rng_state(data.train_loader.generator),
+            }
+            save_checkpoint(state, out / "checkpoint.pth")
+            if improved:
+                save_checkpoint(state, out / "best.pth")
+    seconds = time.perf_counter() - started
+    return TrainResult(out, final, best_acc1, teacher_metrics, history, seconds, model)
+
+
+def _resume(
+    path: Path,
+    spec: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    data: DataBundle,
+) -> tuple[int, float, list[dict[str, Any]]]:
+    state = load_checkpoint(path)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was not written by `deit train`; use --finetune to start from other weights")
+    theirs = {k: state["model_spec"].get(k) for k in ("name", "num_classes", "in_chans", "img_size")}
+    ours = {k: spec[k] for k in theirs}
+    if theirs != ours:
+        raise CheckpointError(f"{path} holds another model ({theirs}) than this run builds ({ours}); nothing was loaded")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"], data.train_loader.generator)
+    return int(state["epoch"]), float(state["best_acc1"]), list(state.get("history", []))
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    dataset: str | None = None,
+    data_path: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    amp: str = "none",
+    eval_output: str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Validation metrics of every head of a ``deit train`` checkpoint, on its own data set or another."""
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state, **({"eval_output": eval_output} if eval_output else {}))
+    saved = state["data"]
+    config = state.get("config", {}).get("data", {})
+    torch_device = resolve_device(device)
+    data = build_data(
+        dataset or saved["dataset"],
+        data_path if data_path is not None else config.get("path"),
+        batch_size=batch_size,
+        seed=0,
+        input_size=saved["input_size"],
+        in_chans=state["model_spec"]["in_chans"],
+    )
+    if list(data.info.class_names) != list(saved["class_names"]):
+        raise RunError(
+            f"the checkpoint was trained on {len(saved['class_names'])} classes {saved['class_names'][:5]}..., "
+            f"the data set has {data.info.num_classes} {list(data.info.class_names)[:5]}..."
+        )
+    return evaluate(
+        model.to(torch_device), data.val_loader, device=torch_device, precision=Precision.resolve(amp, torch_device), progress=progress
+    )
