@@ -35,6 +35,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o644)  # mkstemp creates 0600; a checkpoint is as readable as any file we write
         with os.fdopen(handle, "wb") as tmp:
             torch.save(state, tmp)
             tmp.flush()

@@ -1,9 +1,9 @@
 """The ``deit`` command line: each subcommand builds a config and calls the library.
 
-    deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --distillation-type hard
-    deit eval --checkpoint runs/student/checkpoint.pth
-    deit demo
-    deit models [PATTERN]
+deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --distillation-type hard
+deit eval --checkpoint runs/student/checkpoint.pth
+deit demo
+deit models [PATTERN]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from deit.checkpoint import CheckpointError
 from deit.config import ConfigError, TrainConfig, list_presets, load_config, parse_assignment, with_overrides
-from deit.data import DATASET_ALIASES, DataError
+from deit.data import DataError
 from deit.losses import DISTILLATION_TYPES, KL_REDUCTIONS
 from deit.models import EVAL_OUTPUTS, list_models
 from deit.teachers import TeacherMismatchError
@@ -31,7 +31,12 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--drop-path", "model.drop_path", float, "stochastic depth rate"),
     ("--drop", "model.dropout", float, "dropout rate"),
     ("--attn-impl", "model.attn_impl", str, "attention kernel: sdpa or math (faster on CPU under bf16)"),
-    ("--eval-output", "model.eval_output", str, f"what a distilled model predicts at test time: {', '.join(EVAL_OUTPUTS)}"),
+    (
+        "--eval-output",
+        "model.eval_output",
+        str,
+        f"what a distilled model predicts at test time: {', '.join(EVAL_OUTPUTS)}",
+    ),
     ("--data-set", "data.dataset", str, "fashion-mnist, cifar10, cifar100, imagefolder (also CIFAR = cifar100, IMNET)"),
     ("--data-path", "data.path", str, "folder of the data set (ImageFolder: with train/ and val/)"),
     ("--input-size", "data.input_size", int, "image side in pixels (default: the data set's own)"),
@@ -50,7 +55,12 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--distillation-alpha", "distill.alpha", float, "weight of the teacher term (label term: 1 - alpha)"),
     ("--distillation-tau", "distill.tau", float, "soft distillation temperature"),
     ("--kl-reduction", "distill.kl_reduction", str, f"soft distillation KL reduction: {', '.join(KL_REDUCTIONS)}"),
-    ("--teacher-model", "distill.teacher_model", str, "teacher architecture (timm name) for a --teacher-path from elsewhere"),
+    (
+        "--teacher-model",
+        "distill.teacher_model",
+        str,
+        "teacher architecture (timm name) for a --teacher-path from elsewhere",
+    ),
     ("--teacher-path", "distill.teacher_path", str, "teacher weights: a `deit train` checkpoint or an official .pth"),
     ("--output-dir", "run.output_dir", str, "where checkpoints and logs go"),
     ("--resume", "run.resume", str, "checkpoint to continue from, or 'auto' for the output dir's latest"),
@@ -78,10 +88,16 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", help=f"YAML config file or preset name ({', '.join(list_presets())})")
     for flag, key, kind, text in TRAIN_FLAGS:
-        parser.add_argument(flag, dest=_dest(key), type=kind, default=None, metavar=key.split(".")[1].upper(), help=f"{text} [{key}]")
+        parser.add_argument(
+            flag, dest=_dest(key), type=kind, default=None, metavar=key.split(".")[1].upper(), help=f"{text} [{key}]"
+        )
     for flag, key, value, text in TRAIN_SWITCHES:
-        parser.add_argument(flag, dest=_dest(key), action="store_const", const=value, default=None, help=f"{text} [{key}]")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.betas=[0.9,0.95]")
+        parser.add_argument(
+            flag, dest=_dest(key), action="store_const", const=value, default=None, help=f"{text} [{key}]"
+        )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.betas=[0.9,0.95]"
+    )
     parser.set_defaults(handler=run_train)
 
 
@@ -100,7 +116,12 @@ def run_train(args: argparse.Namespace) -> int:
     from deit.training import fit
 
     result = fit(train_config_from_args(args))
-    summary = {"final": result.final, "best_acc1": result.best_acc1, "teacher": result.teacher, "seconds": result.seconds}
+    summary = {
+        "final": result.final,
+        "best_acc1": result.best_acc1,
+        "teacher": result.teacher,
+        "seconds": result.seconds,
+    }
     if result.output_dir is not None:
         (result.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("wrote %s", result.output_dir)
@@ -109,14 +130,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate every head of a checkpoint", description="Evaluate a `deit train` checkpoint.")
-    parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True, help="a checkpoint written by deit train")
+    parser = subparsers.add_parser(
+        "eval", help="evaluate every head of a checkpoint", description="Evaluate a `deit train` checkpoint."
+    )
+    parser.add_argument(
+        "--checkpoint", "--resume", dest="checkpoint", required=True, help="a checkpoint written by deit train"
+    )
     parser.add_argument("--data-set", help="default: the checkpoint's data set")
     parser.add_argument("--data-path", help="default: the checkpoint's data path")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="none", help="none, bf16, fp16")
-    parser.add_argument("--eval-output", choices=EVAL_OUTPUTS, help="prediction of a distilled model (default: as trained)")
+    parser.add_argument(
+        "--eval-output", choices=EVAL_OUTPUTS, help="prediction of a distilled model (default: as trained)"
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_eval)
@@ -160,7 +187,9 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-path", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=defaults.teacher_epochs)
-    parser.add_argument("--train-subset", type=int, default=defaults.train_subset, help="training images (0: all 60000)")
+    parser.add_argument(
+        "--train-subset", type=int, default=defaults.train_subset, help="training images (0: all 60000)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_demo_command)
@@ -211,7 +240,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherMismatchError, Ru
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
     )
     try:
         return args.handler(args)

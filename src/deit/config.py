@@ -137,13 +137,18 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
             raise ConfigError(f"{key} cannot be empty")
         return None
     if "tuple" in str(annotation):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(float(v) for v in value)
+        if not isinstance(value, list | tuple) or len(value) != len(default):
+            raise ConfigError(f"{key} must be a list of {len(default)} numbers, got {value!r}")
+        return tuple(
+            _coerce(f"{key}[{i}]", item, float(d), "float")
+            for i, (item, d) in enumerate(zip(value, default, strict=True))
+        )
     for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if str(annotation).startswith(name):
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 return float(value)
+            if kind is float and isinstance(value, str) and _looks_numeric(value):
+                return float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ConfigError(f"{key} must be {name}, got {value!r}")
             return value
@@ -155,10 +160,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep:
         raise ConfigError(f"expected KEY=VALUE, got {text!r}")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads "1e-3" as a string
-    return key.strip(), value
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
 def _looks_numeric(text: str) -> bool:

@@ -28,9 +28,9 @@ log = logging.getLogger("deit")
 class DemoSettings:
     output_dir: str = "runs/demo"
     data_path: str | None = None  # Fashion-MNIST IDX files; default: Debian's copy
-    epochs: int = 10  # student epochs, the same for every student
-    teacher_epochs: int = 10
-    train_subset: int | None = 20000  # class-balanced training images; None: all 60000
+    epochs: int = 6  # student epochs, the same for every student
+    teacher_epochs: int = 3
+    train_subset: int | None = None  # class-balanced training images; None: all 60000
     seed: int = 0
     progress: bool = True
     student_preset: str = "fashion_mnist"
@@ -48,8 +48,20 @@ class Student:
 
 STUDENTS = (
     Student("none", "DeiT, no distillation", "yes", "none", {"distill.type": "none"}),
-    Student("soft", "DeiT, soft distillation (tau 1, alpha 0.5)", "yes", "soft", {"distill.type": "soft", "distill.alpha": 0.5, "distill.tau": 1.0}),
-    Student("hard", "DeiT, hard distillation, class + distillation tokens", "yes", "hard", {"distill.type": "hard", "distill.alpha": 0.5}),
+    Student(
+        "soft",
+        "DeiT, soft distillation (tau 1, alpha 0.5)",
+        "yes",
+        "soft",
+        {"distill.type": "soft", "distill.alpha": 0.5, "distill.tau": 1.0},
+    ),
+    Student(
+        "hard",
+        "DeiT, hard distillation, class + distillation tokens",
+        "yes",
+        "hard",
+        {"distill.type": "hard", "distill.alpha": 0.5},
+    ),
 )
 
 
@@ -143,7 +155,9 @@ def run_demo(settings: DemoSettings) -> DemoReport:
     markdown_path = out / "results.md"
     json_path = out / "results.json"
     markdown_path.write_text(markdown + "\n")
-    json_path.write_text(json.dumps({"settings": asdict(settings), "student": student_config.model.name, "rows": rows}, indent=2))
+    json_path.write_text(
+        json.dumps({"settings": asdict(settings), "student": student_config.model.name, "rows": rows}, indent=2)
+    )
     return DemoReport(rows, markdown, markdown_path, json_path)
 
 

@@ -51,7 +51,8 @@ class Teacher(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.student_input = student_input
         self.teacher_input = teacher_input
-        if student_input.in_chans != teacher_input.in_chans and 1 not in (student_input.in_chans, teacher_input.in_chans):
+        channels = {student_input.in_chans, teacher_input.in_chans}
+        if len(channels) == 2 and channels != {1, 3}:
             raise TeacherMismatchError(
                 f"the teacher takes {teacher_input.in_chans}-channel images and the student "
                 f"{student_input.in_chans}-channel ones; only 1 <-> 3 channels can be converted"
@@ -62,6 +63,7 @@ class Teacher(nn.Module):
         self.register_buffer("teacher_mean", _channel_vector(teacher_input.mean), persistent=False)
         self.register_buffer("teacher_std", _channel_vector(teacher_input.std), persistent=False)
         self.register_buffer("luma", _channel_vector(_LUMA), persistent=False)
+        self.train(False)
 
     def train(self, mode: bool = True) -> Teacher:
         # the teacher stays in eval mode (batch norm statistics, no dropout) whatever the caller does
@@ -151,7 +153,9 @@ def load_teacher_network(
         model.load_state_dict(weights)
         return model, timm_input_spec(model, in_chans), None, f"{teacher_model} ({teacher_path})"
     if not teacher_model:
-        raise ValueError("distillation needs a teacher: give --teacher-path, or --teacher-model with --teacher-pretrained")
+        raise ValueError(
+            "distillation needs a teacher: give --teacher-path, or --teacher-model with --teacher-pretrained"
+        )
     if not pretrained:
         raise ValueError(
             f"teacher {teacher_model!r} has no weights: a randomly initialised teacher teaches nothing. "

@@ -23,9 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from deit.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from deit.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from deit.config import ModelConfig, TrainConfig, config_to_dict, save_config
-from deit.data import DataBundle, DatasetInfo, build_data
+from deit.data import DataBundle, DatasetInfo, build_data, build_eval_data
 from deit.engine import Precision, evaluate, train_one_epoch
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model
@@ -182,7 +189,11 @@ def fit(config: TrainConfig) -> TrainResult:
     )
     spec = model_spec(config.model, data.info, data.input_size)
     model = create_model(
-        spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], img_size=spec["img_size"], **spec["options"]
+        spec["name"],
+        num_classes=spec["num_classes"],
+        in_chans=spec["in_chans"],
+        img_size=spec["img_size"],
+        **spec["options"],
     ).to(device)
     teacher = _build_teacher(config, data)
     if teacher is not None:
@@ -215,7 +226,7 @@ def fit(config: TrainConfig) -> TrainResult:
     start_epoch, best_acc1, history = 0, 0.0, []
     resume_from = _resume_path(config, out)
     if resume_from is not None:
-        start_epoch, best_acc1, history = _resume(resume_from, spec, model, optimizer, scaler, data)
+        start_epoch, best_acc1, history = _resume(config, resume_from, spec, model, optimizer, scaler, data)
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
     if out is not None:
         save_config(config, out / "config.yaml")
@@ -244,7 +255,12 @@ def fit(config: TrainConfig) -> TrainResult:
             description=f"epoch {epoch + 1}/{config.optim.epochs}",
         )
         final = evaluate(model, data.val_loader, device=device, precision=precision, progress=config.run.progress)
-        record = {"epoch": epoch + 1, "train": train_metrics, "val": final, "seconds": time.perf_counter() - epoch_start}
+        record = {
+            "epoch": epoch + 1,
+            "train": train_metrics,
+            "val": final,
+            "seconds": time.perf_counter() - epoch_start,
+        }
         if teacher_metrics is not None:
             record["teacher"] = teacher_metrics
         history.append(record)
@@ -289,7 +305,19 @@ def fit(config: TrainConfig) -> TrainResult:
     return TrainResult(out, final, best_acc1, teacher_metrics, history, seconds, model)
 
 
+def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint's run and this one; the epoch count and run.* may change."""
+    changed = []
+    for section in ("model", "data", "optim", "distill"):
+        for key, value in current.get(section, {}).items():
+            old = saved.get(section, {}).get(key)
+            if (section, key) != ("optim", "epochs") and old != value:
+                changed.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return changed
+
+
 def _resume(
+    config: TrainConfig,
     path: Path,
     spec: dict[str, Any],
     model: nn.Module,
@@ -303,7 +331,15 @@ def _resume(
     theirs = {k: state["model_spec"].get(k) for k in ("name", "num_classes", "in_chans", "img_size")}
     ours = {k: spec[k] for k in theirs}
     if theirs != ours:
-        raise CheckpointError(f"{path} holds another model ({theirs}) than this run builds ({ours}); nothing was loaded")
+        raise CheckpointError(
+            f"{path} holds another model ({theirs}) than this run builds ({ours}); nothing was loaded"
+        )
+    changed = _changed_settings(state.get("config", {}), config_to_dict(config))
+    if changed:
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume it with its own settings "
+            "or train into another --output-dir. Nothing was loaded or overwritten"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
@@ -329,19 +365,22 @@ def evaluate_checkpoint(
     saved = state["data"]
     config = state.get("config", {}).get("data", {})
     torch_device = resolve_device(device)
-    data = build_data(
+    loader, info = build_eval_data(
         dataset or saved["dataset"],
         data_path if data_path is not None else config.get("path"),
         batch_size=batch_size,
-        seed=0,
         input_size=saved["input_size"],
         in_chans=state["model_spec"]["in_chans"],
     )
-    if list(data.info.class_names) != list(saved["class_names"]):
+    if list(info.class_names) != list(saved["class_names"]):
         raise RunError(
             f"the checkpoint was trained on {len(saved['class_names'])} classes {saved['class_names'][:5]}..., "
-            f"the data set has {data.info.num_classes} {list(data.info.class_names)[:5]}..."
+            f"the data set has {info.num_classes} {list(info.class_names)[:5]}..."
         )
     return evaluate(
-        model.to(torch_device), data.val_loader, device=torch_device, precision=Precision.resolve(amp, torch_device), progress=progress
+        model.to(torch_device),
+        loader,
+        device=torch_device,
+        precision=Precision.resolve(amp, torch_device),
+        progress=progress,
     )

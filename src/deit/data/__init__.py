@@ -23,6 +23,7 @@ __all__ = [
     "DataError",
     "DatasetInfo",
     "build_data",
+    "build_eval_data",
     "canonical_dataset_name",
     "load_datasets",
 ]
@@ -53,19 +54,45 @@ def build_data(
 ) -> DataBundle:
     """Data sets with their transforms, wrapped in seeded loaders."""
     train_set, val_set, info = load_datasets(dataset, data_path, download=download, in_chans=in_chans)
-    size = input_size or info.native_size
-    if size is None:
-        raise DataError(f"{info.name} images have no common size: give --input-size")
-    stats = {"mean": info.mean, "std": info.std, "native_size": info.native_size, "input_size": size}
-    train_set.transform = train_transform(hflip=hflip, **stats)
-    val_set.transform = eval_transform(**stats)
+    size = _input_size(info, input_size)
+    train_set.transform = train_transform(hflip=hflip, **_transform_stats(info, size))
+    val_set.transform = eval_transform(**_transform_stats(info, size))
     if train_subset is not None:
         train_set = Subset(train_set, balanced_subset(train_set.targets, train_subset, seed))
     if len(train_set) < batch_size:
         raise DataError(f"the training set has {len(train_set)} images, fewer than one batch of {batch_size}")
     train_loader = _loader(train_set, batch_size, shuffle=True, seed=seed, workers=num_workers, pin=pin_memory)
-    val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, shuffle=False, seed=seed, workers=num_workers, pin=pin_memory)
+    val_loader = _loader(
+        val_set, eval_batch_size or 2 * batch_size, shuffle=False, seed=seed, workers=num_workers, pin=pin_memory
+    )
     return DataBundle(train_loader, val_loader, info, size)
+
+
+def build_eval_data(
+    dataset: str,
+    data_path: str | None,
+    *,
+    batch_size: int,
+    input_size: int | None = None,
+    in_chans: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DatasetInfo]:
+    """The validation loader alone, for evaluating a trained model."""
+    _, val_set, info = load_datasets(dataset, data_path, in_chans=in_chans)
+    val_set.transform = eval_transform(**_transform_stats(info, _input_size(info, input_size)))
+    return _loader(val_set, batch_size, shuffle=False, seed=0, workers=num_workers, pin=pin_memory), info
+
+
+def _input_size(info: DatasetInfo, input_size: int | None) -> int:
+    size = input_size or info.native_size
+    if size is None:
+        raise DataError(f"{info.name} images have no common size: give --input-size")
+    return size
+
+
+def _transform_stats(info: DatasetInfo, input_size: int) -> dict:
+    return {"mean": info.mean, "std": info.std, "native_size": info.native_size, "input_size": input_size}
 
 
 def _loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int, pin: bool) -> DataLoader:

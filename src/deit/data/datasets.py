@@ -141,6 +141,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated inside its header")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -189,7 +191,9 @@ def load_fashion_mnist(data_path: str | None, download: bool) -> tuple[TensorIma
     def split(prefix: str) -> TensorImageDataset:
         images = read_idx(_find_idx(folder, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
-        return TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+        return TensorImageDataset(
+            torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+        )
 
     return split("train"), split("t10k")
 
@@ -197,7 +201,9 @@ def load_fashion_mnist(data_path: str | None, download: bool) -> tuple[TensorIma
 # --- CIFAR ---------------------------------------------------------------------------------------
 
 
-def load_cifar(name: str, data_path: str | None, download: bool) -> tuple[TensorImageDataset, TensorImageDataset, list[str]]:
+def load_cifar(
+    name: str, data_path: str | None, download: bool
+) -> tuple[TensorImageDataset, TensorImageDataset, list[str]]:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     dataset_class = CIFAR10 if name == "cifar10" else CIFAR100

@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 SMALL_IMAGE_MAX_SIZE = 64
 DEFAULT_CROP_PCT = 0.875  # 224 / 256, the paper's evaluation crop

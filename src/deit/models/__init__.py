@@ -1,7 +1,7 @@
 """Models: the DeiT / ViT transformer, its named variants, and timm models by name."""
 
 from deit.models.registry import VARIANTS, create_model, is_deit_model, list_models
-from deit.models.vit import EVAL_OUTPUTS, ViTConfig, VisionTransformer, fuse_heads
+from deit.models.vit import EVAL_OUTPUTS, VisionTransformer, ViTConfig, fuse_heads
 
 __all__ = [
     "EVAL_OUTPUTS",

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from deit.models.vit import ViTConfig, VisionTransformer
+from deit.models.vit import VisionTransformer, ViTConfig
 
 # width, depth, heads of each size; tiny/small/base are the paper's Table 1
 _SIZES = {

@@ -1,0 +1,319 @@
+"""Data: IDX files, Fashion-MNIST, ImageFolder trees and their errors, subsets, loaders."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import needs_fashion_mnist, write_image
+from deit.data import DataError, build_data, canonical_dataset_name, load_datasets
+from deit.data.datasets import FASHION_MNIST_CLASSES, ImageFileDataset, balanced_subset, load_image, read_idx
+
+# --- IDX files -----------------------------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_read_idx(tmp_path, gz):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    labels = np.array([7, 3], dtype=np.uint8)
+    for name, array in (("images", images), ("labels", labels)):
+        path = tmp_path / (f"{name}.gz" if gz else name)
+        data = idx_bytes(array)
+        path.write_bytes(gzip.compress(data) if gz else data)
+        got = read_idx(path)
+        assert got.shape == array.shape and got.dtype == np.uint8
+        assert np.array_equal(got, array)
+
+
+def test_truncated_idx_body_raises(tmp_path):
+    path = tmp_path / "cut-idx3-ubyte"
+    path.write_bytes(idx_bytes(np.zeros((2, 3, 4), dtype=np.uint8))[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+def test_truncated_idx_header_raises(tmp_path):
+    path = tmp_path / "cut-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 3, 0, 0, 0]))
+    with pytest.raises(DataError):
+        read_idx(path)
+
+
+def test_non_idx_file_raises(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(b"PK\x03\x04 zip, not IDX")
+    with pytest.raises(DataError, match="not an IDX"):
+        read_idx(path)
+
+
+# --- Fashion-MNIST -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist():
+    return load_datasets("fashion-mnist")
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_from_debian_path(fashion_mnist):
+    train, val, info = fashion_mnist
+    assert (len(train), len(val)) == (60000, 10000)
+    assert info.name == "fashion-mnist"
+    assert info.num_classes == 10 and info.class_names == FASHION_MNIST_CLASSES
+    assert info.in_chans == 1 and info.native_size == 28
+    assert len(info.mean) == len(info.std) == 1
+    image, label = train[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8
+    assert 0 <= label < 10
+    assert Counter(val.targets) == dict.fromkeys(range(10), 1000)  # the test set is balanced
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_aliases(fashion_mnist):
+    _, _, info = load_datasets("fmnist")
+    assert info == fashion_mnist[2]
+
+
+def test_fashion_mnist_missing_folder_raises(tmp_path):
+    with pytest.raises(DataError, match="Fashion-MNIST not found"):
+        load_datasets("fashion-mnist", str(tmp_path))
+
+
+# --- ImageFolder ---------------------------------------------------------------------------------
+
+
+def test_image_folder_loads_mixed_modes(make_image_folder):
+    root = make_image_folder(classes=("ant", "bee", "cat"), per_class={"train": 6, "val": 2})
+    train, val, info = load_datasets("imagefolder", str(root))
+    assert info.class_names == ("ant", "bee", "cat")
+    assert (len(train), len(val)) == (18, 6)
+    assert info.in_chans == 3 and info.native_size is None
+    assert sorted(Counter(train.targets).items()) == [(0, 6), (1, 6), (2, 6)]
+    for index in range(len(train)):  # RGB, L, P with transparency, CMYK JPEG, RGBA: all decode to RGB
+        image, label = train[index]
+        assert isinstance(image, Image.Image) and image.mode == "RGB"
+        assert train.samples[index][0].parent.name == info.class_names[label]
+
+
+def test_image_folder_as_grayscale(make_image_folder):
+    root = make_image_folder()
+    train, _, info = load_datasets("IMNET", str(root), in_chans=1)
+    assert info.name == "imagefolder" and info.in_chans == 1
+    assert len(info.mean) == len(info.std) == 1
+    assert info.mean[0] == pytest.approx((0.485 + 0.456 + 0.406) / 3)
+    assert all(train[i][0].mode == "L" for i in range(len(train)))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "RGBA"])
+def test_load_image_converts_every_mode(tmp_path, mode):
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    write_image(path, mode, "JPEG" if mode == "CMYK" else "PNG", (9, 7), seed=1)
+    with Image.open(path) as original:
+        assert original.mode == mode
+    rgb, gray = load_image(path, "RGB"), load_image(path, "L")
+    assert rgb.mode == "RGB" and rgb.size == (9, 7)
+    assert gray.mode == "L" and gray.size == (9, 7)
+
+
+def test_hidden_folders_are_not_classes(make_image_folder):
+    root = make_image_folder(classes=("a", "b"))
+    for split in ("train", "val"):
+        (root / split / ".cache").mkdir()
+    assert load_datasets("imagefolder", str(root))[2].class_names == ("a", "b")
+
+
+def test_missing_path_raises(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_datasets("imagefolder", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="--data-path"):
+        load_datasets("imagefolder", None)
+
+
+def test_missing_val_raises(make_image_folder):
+    root = make_image_folder(splits=("train",))
+    with pytest.raises(DataError, match="val/"):
+        load_datasets("imagefolder", str(root))
+
+
+def test_class_mismatch_lists_the_difference(make_image_folder):
+    root = make_image_folder(classes=("ant", "bee", "cat"))
+    (root / "val" / "cat").rename(root / "val" / "cow")
+    with pytest.raises(DataError) as error:
+        load_datasets("imagefolder", str(root))
+    message = str(error.value)
+    assert "only in train ['cat']" in message and "only in val ['cow']" in message
+
+
+def test_empty_class_folder_names_the_folder(make_image_folder):
+    root = make_image_folder(classes=("ant", "bee"))
+    (root / "train" / "empty").mkdir()
+    (root / "val" / "empty").mkdir()
+    (root / "train" / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=str(root / "train" / "empty")):
+        load_datasets("imagefolder", str(root))
+
+
+def test_train_without_class_folders_raises(tmp_path):
+    (tmp_path / "root" / "train").mkdir(parents=True)
+    (tmp_path / "root" / "val").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        load_datasets("imagefolder", str(tmp_path / "root"))
+
+
+def test_corrupt_image_raises_naming_the_path_when_read(make_image_folder):
+    root = make_image_folder(classes=("ant", "bee"))
+    bad = root / "train" / "ant" / "x.png"
+    bad.write_bytes(b"not an image")
+    train, _, _ = load_datasets("imagefolder", str(root))  # the scan only lists files
+    index = next(i for i, (path, _) in enumerate(train.samples) if path == bad)
+    with pytest.raises(DataError, match=str(bad)):
+        train[index]
+    train[(index + 1) % len(train)]  # the other images still read
+
+
+def test_corrupt_image_stops_the_loader(make_image_folder):
+    root = make_image_folder(classes=("ant", "bee"), per_class={"train": 4, "val": 2})
+    (root / "val" / "bee" / "zz.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    data = build_data("imagefolder", str(root), batch_size=4, seed=0, input_size=16)
+    with pytest.raises(DataError, match="zz.jpg"):
+        list(data.val_loader)
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [
+        ("IMNET", "imagefolder"),
+        ("imagenet", "imagefolder"),
+        ("CIFAR", "cifar100"),
+        ("cifar10", "cifar10"),
+        ("Fashion-MNIST", "fashion-mnist"),
+        ("fashion_mnist", "fashion-mnist"),
+    ],
+)
+def test_dataset_aliases(alias, canonical):
+    assert canonical_dataset_name(alias) == canonical
+
+
+def test_unknown_dataset_raises():
+    with pytest.raises(DataError, match="mnist-digits"):
+        canonical_dataset_name("mnist-digits")
+    with pytest.raises(DataError, match="unknown data set"):
+        load_datasets("mnist-digits")
+
+
+# --- balanced subsets ----------------------------------------------------------------------------
+
+
+def test_balanced_subset_is_seeded_sized_and_balanced():
+    labels = [i % 10 for i in range(1000)]
+    subset = balanced_subset(labels, 200, seed=3)
+    assert len(subset) == 200 == len(set(subset))
+    assert subset == sorted(subset)
+    assert subset == balanced_subset(labels, 200, seed=3)
+    assert subset != balanced_subset(labels, 200, seed=4)
+    assert Counter(labels[i] for i in subset) == dict.fromkeys(range(10), 20)
+
+
+def test_balanced_subset_of_imbalanced_labels():
+    labels = [0] * 100 + [1] * 50 + [2] * 3
+    subset = balanced_subset(labels, 31, seed=0)
+    counts = Counter(labels[i] for i in subset)
+    assert counts[2] == 3  # the rare class gives all it has
+    assert abs(counts[0] - counts[1]) <= 1 and counts[0] + counts[1] == 28
+
+
+def test_balanced_subset_uneven_size():
+    labels = [i % 3 for i in range(30)]
+    counts = Counter(labels[i] for i in balanced_subset(labels, 8, seed=1))
+    assert sorted(counts.values()) == [2, 3, 3]
+
+
+@pytest.mark.parametrize("size", [0, 31])
+def test_balanced_subset_size_out_of_range(size):
+    with pytest.raises(DataError):
+        balanced_subset([0, 1] * 15, size, seed=0)
+
+
+# --- loaders -------------------------------------------------------------------------------------
+
+
+@needs_fashion_mnist
+def test_build_data_fashion_mnist():
+    data = build_data("fashion-mnist", None, batch_size=64, seed=0, train_subset=256)
+    assert data.input_size == 28 and data.info.num_classes == 10
+    assert len(data.train_loader.dataset) == 256
+    assert len(data.train_loader) == 4
+    assert len(data.val_loader.dataset) == 10000
+    batches = list(data.train_loader)
+    assert len(batches) == 4
+    images = torch.cat([images for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    assert batches[0][0].shape == (64, 1, 28, 28) and batches[0][0].dtype == torch.float32
+    assert labels.dtype == torch.int64
+    assert sorted(Counter(labels.tolist()).values()) == [25] * 4 + [26] * 6  # the subset is class-balanced
+    # normalised with the data set's statistics: black pixels map to -mean / std
+    assert images.min().item() == pytest.approx(-0.2860 / 0.3530, abs=1e-4)
+    assert images.max().item() == pytest.approx((1 - 0.2860) / 0.3530, abs=1e-4)
+    assert abs(images.mean().item()) < 0.3 and 0.7 < images.std().item() < 1.3
+
+    val_images, val_labels = next(iter(data.val_loader))
+    assert val_images.shape == (128, 1, 28, 28)
+    assert torch.equal(val_labels, torch.tensor(data.val_loader.dataset.targets[:128]))  # not shuffled
+
+
+@needs_fashion_mnist
+def test_build_data_is_seeded():
+    first = next(iter(build_data("fashion-mnist", None, batch_size=64, seed=5, train_subset=128).train_loader))
+    torch.manual_seed(123)  # the augmentations draw from torch's global generator
+    again = next(iter(build_data("fashion-mnist", None, batch_size=64, seed=5, train_subset=128).train_loader))
+    assert torch.equal(first[1], again[1])  # same subset, same shuffle
+
+
+def test_build_data_image_folder(make_image_folder):
+    root = make_image_folder(classes=("ant", "bee", "cat"), per_class={"train": 4, "val": 3})
+    data = build_data("imagefolder", str(root), batch_size=4, seed=0, input_size=32)
+    assert data.input_size == 32
+    assert len(data.train_loader) == 3  # 12 images, drop_last
+    for loader, batch in ((data.train_loader, 4), (data.val_loader, 8)):
+        images, labels = next(iter(loader))
+        assert images.shape == (batch, 3, 32, 32) and images.dtype == torch.float32
+        assert set(labels.tolist()) <= {0, 1, 2}
+        low = min((0 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True))
+        high = max((1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True))
+        assert low - 1e-4 <= images.min().item() and images.max().item() <= high + 1e-4
+        assert images.std().item() > 0.3  # random pixels, normalised: not a constant image
+    assert sum(len(labels) for _, labels in data.val_loader) == 9  # evaluation sees every image
+
+
+def test_build_data_image_folder_grayscale_and_large(make_image_folder):
+    root = make_image_folder(classes=("a", "b"), per_class={"train": 2, "val": 1})
+    data = build_data("imagefolder", str(root), batch_size=2, seed=0, input_size=72, in_chans=1)
+    images, _ = next(iter(data.val_loader))
+    assert images.shape == (2, 1, 72, 72)  # the large-image preset: resize and centre crop
+    assert isinstance(data.train_loader.dataset, ImageFileDataset)
+
+
+def test_build_data_image_folder_needs_input_size(make_image_folder):
+    root = make_image_folder(classes=("a", "b"))
+    with pytest.raises(DataError, match="input-size"):
+        build_data("imagefolder", str(root), batch_size=2, seed=0)
+
+
+def test_build_data_refuses_batch_larger_than_training_set(make_image_folder):
+    root = make_image_folder(classes=("a", "b"), per_class={"train": 2, "val": 1})
+    with pytest.raises(DataError, match="fewer than one batch"):
+        build_data("imagefolder", str(root), batch_size=8, seed=0, input_size=16)

@@ -1,0 +1,158 @@
+"""Whole runs with deit.training.fit: files written, refusing to overwrite, resuming, a teacher, evaluation.
+
+Small and quick: a pico student (4 blocks of width 64 on 4x4 patches of 7 px) on a 512-image
+Fashion-MNIST subset, two epochs. Validation runs on the full 10,000-image test set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_fashion_mnist
+from deit.checkpoint import FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
+from deit.config import TrainConfig, load_config, with_overrides
+from deit.training import RunError, evaluate_checkpoint, fit
+
+pytestmark = needs_fashion_mnist
+
+STUDENT = "deit_pico_distilled_patch7_28"
+TEACHER = "resnet10t"
+
+
+def tiny_config(output_dir: Path | None, **overrides) -> TrainConfig:
+    values = {
+        "model.name": STUDENT,
+        "data.dataset": "fashion-mnist",
+        "data.train_subset": 512,
+        "optim.epochs": 2,
+        "optim.batch_size": 64,
+        "optim.warmup_epochs": 1,
+        "run.progress": False,
+        "run.output_dir": None if output_dir is None else str(output_dir),
+    }
+    values.update(overrides)
+    return with_overrides(TrainConfig(), values)
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One two-epoch run shared by the tests below; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("run") / "student"
+    config = tiny_config(out)
+    return config, fit(config), out
+
+
+def copy_run(first_run, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(first_run[2], tmp_path / "copy"))
+
+
+def test_fit_writes_config_metrics_and_checkpoints(first_run):
+    config, result, out = first_run
+    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "checkpoint.pth", "config.yaml", "metrics.jsonl"]
+    assert load_config(out / "config.yaml") == config
+
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert record["train"]["steps"] == 8  # 512 images in batches of 64
+        assert record["val"]["num_samples"] == 10000
+        assert {"acc1", "acc5", "cls_acc1", "dist_acc1", "avg_logits_acc1", "softmax_sum_acc1"} <= set(record["val"])
+    assert result.final == records[-1]["val"]
+    assert result.best_acc1 == max(r["val"]["acc1"] for r in records)
+    assert result.teacher is None
+    assert result.final["acc1"] > 10  # better than chance on 10 classes, even after 16 steps
+
+
+def test_checkpoint_is_weights_only_and_rebuilds_the_model(first_run):
+    _, result, out = first_run
+    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert state["format"] == FORMAT and state["epoch"] == 2
+    assert state["model_spec"]["name"] == STUDENT
+    assert state["model_spec"]["num_classes"] == 10 and state["model_spec"]["in_chans"] == 1
+    assert state["data"]["class_names"][0] == "T-shirt/top" and state["data"]["input_size"] == 28
+    assert len(state["history"]) == 2
+    best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)
+    assert best["best_acc1"] == result.best_acc1
+
+    rebuilt = model_from_checkpoint(load_checkpoint(out / "checkpoint.pth"))
+    for (name, a), (_, b) in zip(result.model.state_dict().items(), rebuilt.state_dict().items(), strict=True):
+        assert torch.equal(a.cpu(), b), name
+
+
+def test_second_run_in_the_same_folder_is_refused(first_run, tmp_path):
+    out = copy_run(first_run, tmp_path)
+    before = (out / "checkpoint.pth").read_bytes()
+    metrics_before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(RunError, match="resume"):
+        fit(tiny_config(out))
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert (out / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_resume_auto_continues_at_the_next_epoch(first_run, tmp_path):
+    out = copy_run(first_run, tmp_path)
+    first_lines = (out / "metrics.jsonl").read_text().splitlines()
+    result = fit(tiny_config(out, **{"optim.epochs": 3, "run.resume": "auto"}))
+
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # only epoch 3 was trained
+    assert (out / "metrics.jsonl").read_text().splitlines()[:2] == first_lines
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert result.final == records[-1]["val"]
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 3
+    assert load_config(out / "config.yaml").optim.epochs == 3
+
+
+def test_resume_from_another_model_is_refused(first_run, tmp_path):
+    checkpoint = first_run[2] / "checkpoint.pth"
+    config = tiny_config(tmp_path / "other", **{"model.name": "deit_pico_patch7_28", "run.resume": str(checkpoint)})
+    with pytest.raises(CheckpointError, match="another model"):
+        fit(config)
+    assert not (tmp_path / "other" / "checkpoint.pth").exists()
+
+
+def test_evaluate_checkpoint_matches_the_last_epoch(first_run):
+    _, result, out = first_run
+    metrics = evaluate_checkpoint(out / "checkpoint.pth", device="cpu", progress=False)
+    last = read_metrics(out)[-1]["val"]
+    assert metrics["num_samples"] == 10000
+    assert metrics["acc1"] == pytest.approx(last["acc1"], abs=1e-9)
+    assert metrics["cls_acc1"] == pytest.approx(last["cls_acc1"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(last["loss"], rel=1e-4)
+    # another eval output: the prediction is then that head
+    metrics = evaluate_checkpoint(out / "checkpoint.pth", device="cpu", eval_output="dist", progress=False)
+    assert metrics["acc1"] == pytest.approx(last["dist_acc1"], abs=1e-9)
+
+
+def test_hard_distillation_from_a_trained_cnn_teacher(tmp_path):
+    teacher_run = fit(
+        tiny_config(tmp_path / "teacher", **{"model.name": TEACHER, "model.drop_path": 0.0, "optim.epochs": 1})
+    )
+    teacher_checkpoint = tmp_path / "teacher" / "checkpoint.pth"
+    assert load_checkpoint(teacher_checkpoint)["model_spec"]["name"] == TEACHER
+
+    result = fit(
+        tiny_config(
+            tmp_path / "student",
+            **{"optim.epochs": 1, "distill.type": "hard", "distill.teacher_path": str(teacher_checkpoint)},
+        )
+    )
+    assert result.teacher is not None
+    assert result.teacher["num_samples"] == 10000
+    # the frozen teacher, evaluated on the same validation set, scores what it scored when it was trained
+    assert result.teacher["acc1"] == pytest.approx(teacher_run.final["acc1"], abs=0.02)
+    record = read_metrics(tmp_path / "student")[0]
+    assert record["teacher"] == result.teacher
+    assert record["train"]["distill_loss"] > 0
+    assert record["train"]["loss"] == pytest.approx(
+        0.5 * record["train"]["label_loss"] + 0.5 * record["train"]["distill_loss"], rel=1e-5
+    )
