@@ -167,12 +167,54 @@ def _explain_heads(model: nn.Module, distillation_type: str) -> None:
         log.info("the model has no distillation token: label and teacher terms both train its single head")
 
 
-def fit(config: TrainConfig) -> TrainResult:
-    """Train a model as ``config`` says and return its metrics (and the trained model)."""
-    started = time.perf_counter()
+@dataclass
+class Run:
+    """Everything a training run is made of, built once from its config."""
+
+    config: TrainConfig
+    device: torch.device
+    precision: Precision
+    data: DataBundle
+    spec: dict[str, Any]
+    model: nn.Module
+    teacher: Teacher | None
+    criterion: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.train_loader)
+
+    def checkpoint_state(self, epoch: int, best_acc1: float, history: list[dict[str, Any]]) -> dict[str, Any]:
+        info = self.data.info
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "model_spec": self.spec,
+            "data": {
+                "dataset": info.name,
+                "class_names": list(info.class_names),
+                "mean": list(info.mean),
+                "std": list(info.std),
+                "input_size": self.data.input_size,
+            },
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": epoch,
+            "best_acc1": best_acc1,
+            "history": history,
+            "config": config_to_dict(self.config),
+            "rng": rng_state(self.data.train_loader.generator),
+        }
+
+
+def build_run(config: TrainConfig) -> Run:
+    """Data, model, teacher, loss and optimizer for ``config``; the teacher is checked here, before any step."""
     device = resolve_device(config.run.device)
     precision = Precision.resolve(config.run.amp, device)
-    out = _prepare_output_dir(config)
     seed_everything(config.run.seed)
     data = build_data(
         config.data.dataset,
@@ -196,8 +238,6 @@ def fit(config: TrainConfig) -> TrainResult:
         **spec["options"],
     ).to(device)
     teacher = _build_teacher(config, data)
-    if teacher is not None:
-        teacher = teacher.to(device)
     criterion = DistillationLoss(
         config.distill.type,
         alpha=config.distill.alpha,
@@ -207,102 +247,100 @@ def fit(config: TrainConfig) -> TrainResult:
     )
     _explain_heads(model, config.distill.type)
     global_batch = config.optim.batch_size
-    steps_per_epoch = len(data.train_loader)
-    optimizer = build_optimizer(model, config.optim, global_batch)
-    schedule = WarmupCosine.from_config(config.optim, global_batch, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if precision.dtype == torch.float16 else None
+    return Run(
+        config=config,
+        device=device,
+        precision=precision,
+        data=data,
+        spec=spec,
+        model=model,
+        teacher=teacher.to(device) if teacher is not None else None,
+        criterion=criterion,
+        optimizer=build_optimizer(model, config.optim, global_batch),
+        schedule=WarmupCosine.from_config(config.optim, global_batch, len(data.train_loader)),
+        scaler=torch.amp.GradScaler(device.type) if precision.dtype == torch.float16 else None,
+    )
+
+
+def fit(config: TrainConfig) -> TrainResult:
+    """Train a model as ``config`` says and return its metrics (and the trained model)."""
+    started = time.perf_counter()
+    out = _prepare_output_dir(config)
+    run = build_run(config)
     log.info(
         "model %s (%.2fM parameters), %s, %d training / %d validation images at %d px, %s, lr %.2e",
         config.model.name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        data.info.name,
-        len(data.train_loader.dataset),
-        len(data.val_loader.dataset),
-        data.input_size,
-        precision.describe(),
-        schedule.peak_lr,
+        sum(p.numel() for p in run.model.parameters()) / 1e6,
+        run.data.info.name,
+        len(run.data.train_loader.dataset),
+        len(run.data.val_loader.dataset),
+        run.data.input_size,
+        run.precision.describe(),
+        run.schedule.peak_lr,
     )
-
     start_epoch, best_acc1, history = 0, 0.0, []
     resume_from = _resume_path(config, out)
     if resume_from is not None:
-        start_epoch, best_acc1, history = _resume(config, resume_from, spec, model, optimizer, scaler, data)
+        start_epoch, best_acc1, history = _resume(run, resume_from)
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
     if out is not None:
         save_config(config, out / "config.yaml")
 
     teacher_metrics = None
-    if teacher is not None and config.run.eval_teacher:
-        teacher_metrics = evaluate(teacher, data.val_loader, device=device, precision=precision, description="teacher")
-        log.info("teacher %s: top-1 %.2f%% on the validation set", teacher.name, teacher_metrics["acc1"])
-
-    final: dict[str, float] = history[-1]["val"] if history else {}
-    for epoch in range(start_epoch, config.optim.epochs):
-        epoch_start = time.perf_counter()
-        train_metrics = train_one_epoch(
-            model,
-            criterion,
-            data.train_loader,
-            optimizer,
-            lr_at=schedule,
-            first_step=epoch * steps_per_epoch,
-            device=device,
-            precision=precision,
-            teacher=teacher,
-            scaler=scaler,
-            clip_grad=config.optim.clip_grad,
-            progress=config.run.progress,
-            description=f"epoch {epoch + 1}/{config.optim.epochs}",
+    if run.teacher is not None and config.run.eval_teacher:
+        teacher_metrics = evaluate(
+            run.teacher, run.data.val_loader, device=run.device, precision=run.precision, description="teacher"
         )
-        final = evaluate(model, data.val_loader, device=device, precision=precision, progress=config.run.progress)
-        record = {
-            "epoch": epoch + 1,
-            "train": train_metrics,
-            "val": final,
-            "seconds": time.perf_counter() - epoch_start,
-        }
+        log.info("teacher %s: top-1 %.2f%% on the validation set", run.teacher.name, teacher_metrics["acc1"])
+
+    for epoch in range(start_epoch, config.optim.epochs):
+        record = _train_and_evaluate_epoch(run, epoch)
         if teacher_metrics is not None:
             record["teacher"] = teacher_metrics
         history.append(record)
-        improved = final["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, final["acc1"])
+        improved = record["val"]["acc1"] > best_acc1
+        best_acc1 = max(best_acc1, record["val"]["acc1"])
         log.info(
             "epoch %d/%d: train loss %.4f, val top-1 %.2f%% (best %.2f%%), %.0f im/s",
             epoch + 1,
             config.optim.epochs,
-            train_metrics["loss"],
-            final["acc1"],
+            record["train"]["loss"],
+            record["val"]["acc1"],
             best_acc1,
-            train_metrics["images_per_sec"],
+            record["train"]["images_per_sec"],
         )
         if out is not None:
             with open(out / "metrics.jsonl", "a") as metrics_log:
                 metrics_log.write(json.dumps(record) + "\n")
-            state = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "model": model.state_dict(),
-                "model_spec": spec,
-                "data": {
-                    "dataset": data.info.name,
-                    "class_names": list(data.info.class_names),
-                    "mean": list(data.info.mean),
-                    "std": list(data.info.std),
-                    "input_size": data.input_size,
-                },
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "best_acc1": best_acc1,
-                "history": history,
-                "config": config_to_dict(config),
-                "rng": rng_state(data.train_loader.generator),
-            }
+            state = run.checkpoint_state(epoch + 1, best_acc1, history)
             save_checkpoint(state, out / "checkpoint.pth")
             if improved:
                 save_checkpoint(state, out / "best.pth")
-    seconds = time.perf_counter() - started
-    return TrainResult(out, final, best_acc1, teacher_metrics, history, seconds, model)
+    final = history[-1]["val"] if history else {}
+    return TrainResult(out, final, best_acc1, teacher_metrics, history, time.perf_counter() - started, run.model)
+
+
+def _train_and_evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    train_metrics = train_one_epoch(
+        run.model,
+        run.criterion,
+        run.data.train_loader,
+        run.optimizer,
+        lr_at=run.schedule,
+        first_step=epoch * run.steps_per_epoch,
+        device=run.device,
+        precision=run.precision,
+        teacher=run.teacher,
+        scaler=run.scaler,
+        clip_grad=run.config.optim.clip_grad,
+        progress=run.config.run.progress,
+        description=f"epoch {epoch + 1}/{run.config.optim.epochs}",
+    )
+    val_metrics = evaluate(
+        run.model, run.data.val_loader, device=run.device, precision=run.precision, progress=run.config.run.progress
+    )
+    return {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics, "seconds": time.perf_counter() - started}
 
 
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -316,35 +354,28 @@ def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
-def _resume(
-    config: TrainConfig,
-    path: Path,
-    spec: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    data: DataBundle,
-) -> tuple[int, float, list[dict[str, Any]]]:
+def _resume(run: Run, path: Path) -> tuple[int, float, list[dict[str, Any]]]:
+    """Load a checkpoint of this very run into ``run``; returns (next epoch, best top-1, history)."""
     state = load_checkpoint(path)
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} was not written by `deit train`; use --finetune to start from other weights")
     theirs = {k: state["model_spec"].get(k) for k in ("name", "num_classes", "in_chans", "img_size")}
-    ours = {k: spec[k] for k in theirs}
+    ours = {k: run.spec[k] for k in theirs}
     if theirs != ours:
         raise CheckpointError(
             f"{path} holds another model ({theirs}) than this run builds ({ours}); nothing was loaded"
         )
-    changed = _changed_settings(state.get("config", {}), config_to_dict(config))
+    changed = _changed_settings(state.get("config", {}), config_to_dict(run.config))
     if changed:
         raise CheckpointError(
             f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume it with its own settings "
             "or train into another --output-dir. Nothing was loaded or overwritten"
         )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"], data.train_loader.generator)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"], run.data.train_loader.generator)
     return int(state["epoch"]), float(state["best_acc1"]), list(state.get("history", []))
 
 
