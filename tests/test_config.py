@@ -166,7 +166,7 @@ def test_yaml_round_trip(tmp_path):
 
 def test_config_to_dict_is_plain():
     values = config_to_dict(TrainConfig())
-    assert set(values) == {"model", "data", "optim", "distill", "run"}
+    assert set(values) == {"model", "data", "augment", "optim", "distill", "run"}
     assert values["optim"]["betas"] == [0.9, 0.999]  # lists, not tuples: safe for YAML and weights-only files
 
 

@@ -94,8 +94,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any], **overrides: Any) -> nn.Module:
-    """Rebuild the model a ``deit train`` checkpoint was written from, with its weights."""
+def model_from_checkpoint(state: dict[str, Any], *, use_ema: bool = False, **overrides: Any) -> nn.Module:
+    """Rebuild the model a ``deit train`` checkpoint was written from, with its weights (or their EMA)."""
     from deit.models import create_model
 
     if not is_deit_checkpoint(state):
@@ -111,5 +111,7 @@ def model_from_checkpoint(state: dict[str, Any], **overrides: Any) -> nn.Module:
         img_size=spec.get("img_size"),
         **{**spec.get("options", {}), **overrides},
     )
-    model.load_state_dict(state["model"])
+    if use_ema and state.get("model_ema") is None:
+        raise CheckpointError("this checkpoint holds no EMA weights: train with --model-ema-decay to keep them")
+    model.load_state_dict(state["model_ema"] if use_ema else state["model"])
     return model

@@ -43,6 +43,14 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--in-chans", "data.in_chans", int, "image folders: 1 to read grayscale, 3 for RGB"),
     ("--train-subset", "data.train_subset", int, "train on a seeded class-balanced subset of this many images"),
     ("--num-workers", "data.num_workers", int, "data loader worker processes"),
+    ("--hflip", "augment.hflip", float, "horizontal flip probability"),
+    ("--aa", "augment.rand_augment", str, "RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (the paper's); none: off"),
+    ("--reprob", "augment.random_erasing", float, "Random Erasing probability (the paper: 0.25)"),
+    ("--mixup", "augment.mixup", float, "Mixup alpha, 0 = off (the paper: 0.8)"),
+    ("--cutmix", "augment.cutmix", float, "CutMix alpha, 0 = off (the paper: 1.0)"),
+    ("--mixup-prob", "augment.mix_prob", float, "probability of mixing a batch"),
+    ("--mixup-switch-prob", "augment.mix_switch_prob", float, "probability of CutMix rather than Mixup"),
+    ("--repeated-aug", "augment.repeated_aug", int, "copies of each sampled image per epoch (the paper: 3; 1 = off)"),
     ("--epochs", "optim.epochs", int, "training epochs"),
     ("--batch-size", "optim.batch_size", int, "images per step and process"),
     ("--lr", "optim.lr", float, "learning rate for a global batch of 512 (scaled linearly)"),
@@ -51,6 +59,18 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay"),
     ("--smoothing", "optim.label_smoothing", float, "label smoothing"),
     ("--clip-grad", "optim.clip_grad", float, "clip the global gradient norm to this value"),
+    (
+        "--accum-steps",
+        "optim.accum_steps",
+        int,
+        "micro-batches per optimizer step (global batch = batch x processes x this)",
+    ),
+    (
+        "--model-ema-decay",
+        "optim.ema_decay",
+        float,
+        "keep an EMA of the weights with this decay per step (the paper: 0.99996)",
+    ),
     ("--distillation-type", "distill.type", str, f"one of {', '.join(DISTILLATION_TYPES)}"),
     ("--distillation-alpha", "distill.alpha", float, "weight of the teacher term (label term: 1 - alpha)"),
     ("--distillation-tau", "distill.tau", float, "soft distillation temperature"),
@@ -144,6 +164,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--eval-output", choices=EVAL_OUTPUTS, help="prediction of a distilled model (default: as trained)"
     )
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA of the weights (--model-ema-decay runs)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run_eval)
@@ -160,6 +181,7 @@ def run_eval(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         eval_output=args.eval_output,
+        use_ema=args.ema,
         progress=not args.no_progress,
     )
     if args.json:

@@ -33,7 +33,20 @@ class DataConfig:
     download: bool = False  # fetch Fashion-MNIST / CIFAR when missing (needs the internet)
     train_subset: int | None = None  # train on a seeded, class-balanced subset of this many images
     num_workers: int = 0  # loader worker processes; 0 decodes in the training process
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Data augmentation and batch mixing; the paper's values (Table 9) are in the comments."""
+
     hflip: float = 0.5  # horizontal flip probability
+    rand_augment: str | None = None  # timm RandAugment policy; paper: "rand-m9-mstd0.5-inc1"
+    random_erasing: float = 0.0  # probability of erasing one random box per image; paper: 0.25
+    mixup: float = 0.0  # Beta(a, a) concentration of Mixup, 0 = off; paper: 0.8
+    cutmix: float = 0.0  # Beta(a, a) concentration of CutMix, 0 = off; paper: 1.0
+    mix_prob: float = 1.0  # probability of mixing a batch at all
+    mix_switch_prob: float = 0.5  # with both on: probability of CutMix rather than Mixup
+    repeated_aug: int = 1  # copies of each sampled image per epoch, each augmented anew; paper: 3
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,8 @@ class OptimConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.1
     clip_grad: float | None = None  # max global gradient norm; None: no clipping
+    accum_steps: int = 1  # micro-batches per optimizer step: global batch = batch_size x processes x accum_steps
+    ema_decay: float | None = None  # exponential moving average of the weights per step; paper: 0.99996
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class RunConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -120,7 +136,9 @@ def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfi
         section, _, key = dotted.partition(".")
         current = getattr(config, section, None)
         if not dataclasses.is_dataclass(current) or section not in {f.name for f in dataclasses.fields(config)}:
-            raise ConfigError(f"unknown config key {dotted!r}: sections are model, data, optim, distill, run")
+            raise ConfigError(
+                f"unknown config key {dotted!r}: sections are {[f.name for f in dataclasses.fields(config)]}"
+            )
         fields = {f.name: f for f in dataclasses.fields(current)}
         if key not in fields:
             raise ConfigError(f"unknown config key {dotted!r}; {section} has {sorted(fields)}")
@@ -132,6 +150,8 @@ def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfi
 
 def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
     """Check a value against its field's type and convert the lossless cases (int -> float, list -> tuple)."""
+    if isinstance(value, str) and value.lower() == "none" and "None" in str(annotation):
+        value = None  # `--aa none` switches an optional setting off
     if value is None:
         if "None" not in str(annotation):
             raise ConfigError(f"{key} cannot be empty")
@@ -187,7 +207,11 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
         raise ConfigError(f"config file {path} does not exist; bundled presets are {list_presets()}")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (model, data, optim, distill, run)")
+        raise ConfigError(f"{path} must hold a mapping of sections (model, data, augment, optim, distill, run)")
+    if "base" in values:  # a preset that changes a few keys of another one
+        base_name = values.pop("base")
+        base_path = path.parent / f"{base_name}.yaml" if (path.parent / f"{base_name}.yaml").is_file() else base_name
+        base = load_config(base_path, base)
     try:
         return config_from_dict(values, base)
     except ConfigError as error:

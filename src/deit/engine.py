@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from deit.ema import ModelEma
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, fuse_heads
 from deit.optim import set_lr
@@ -53,54 +54,81 @@ def train_one_epoch(
     device: torch.device,
     precision: Precision,
     teacher: nn.Module | None = None,
+    mixup: Callable | None = None,
+    accum_steps: int = 1,
+    ema: ModelEma | None = None,
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
     progress: bool = False,
     description: str = "train",
 ) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns mean losses, last lr and throughput."""
+    """Train for one pass over ``loader``; returns mean losses, last lr and throughput.
+
+    ``first_step`` and ``lr_at`` count optimizer steps, each made of
+    ``accum_steps`` micro-batches (a trailing incomplete group is dropped).
+    """
     model.train()
     sums: dict[str, torch.Tensor] = {}
-    steps, images_seen, lr = 0, 0, float("nan")
+    micro_batches, images_seen, lr = 0, 0, float("nan")
     start = time.perf_counter()
-    bar = tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    usable = len(loader) // accum_steps * accum_steps if hasattr(loader, "__len__") else None
+    bar = tqdm(loader, desc=description, total=usable, disable=not progress, leave=False, dynamic_ncols=True)
     for images, targets in bar:
-        lr = lr_at(first_step + steps)
-        set_lr(optimizer, lr)
+        if micro_batches == usable:
+            break
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)  # targets become soft (B, classes)
         with precision.autocast():
             outputs = model(images)
-            # the teacher sees exactly the batch the student saw, augmentations included
+            # the teacher sees exactly the batch the student saw, augmentations and mixing included
             teacher_logits = teacher(images) if criterion.needs_teacher else None
         losses = criterion.components(outputs, targets, teacher_logits)
         loss = losses["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()} at step {first_step + steps}; stopping")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip_grad is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+            step = first_step + micro_batches // accum_steps
+            raise FloatingPointError(f"the loss is {loss.item()} at step {step}; stopping")
+        scaled = loss / accum_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        micro_batches += 1
+        if micro_batches % accum_steps == 0:
+            lr = lr_at(first_step + micro_batches // accum_steps - 1)
+            _optimizer_step(model, optimizer, lr, scaler, clip_grad)
+            if ema is not None:
+                ema.update(model)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
-        steps += 1
         images_seen += images.shape[0]
-        if progress and steps % 10 == 0:
+        if progress and micro_batches % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
     bar.close()
     elapsed = time.perf_counter() - start
-    metrics = {name: (total / max(steps, 1)).item() for name, total in sums.items()}
-    metrics.update(lr=lr, steps=steps, images_per_sec=images_seen / max(elapsed, 1e-9), seconds=elapsed)
+    metrics = {name: (total / max(micro_batches, 1)).item() for name, total in sums.items()}
+    metrics.update(
+        lr=lr, steps=micro_batches // accum_steps, images_per_sec=images_seen / max(elapsed, 1e-9), seconds=elapsed
+    )
     return metrics
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad: float | None,
+) -> None:
+    set_lr(optimizer, lr)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def head_logits(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:

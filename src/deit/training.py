@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from deit.checkpoint import (
 )
 from deit.config import ModelConfig, TrainConfig, config_to_dict, save_config
 from deit.data import DataBundle, DatasetInfo, build_data, build_eval_data
+from deit.data.augment import build_mixup
+from deit.ema import ModelEma
 from deit.engine import Precision, evaluate, train_one_epoch
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model
@@ -182,10 +185,13 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosine
     scaler: torch.amp.GradScaler | None
+    mixup: Callable | None
+    ema: ModelEma | None
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.data.train_loader)
+        """Optimizer steps per epoch."""
+        return len(self.data.train_loader) // self.config.optim.accum_steps
 
     def checkpoint_state(self, epoch: int, best_acc1: float, history: list[dict[str, Any]]) -> dict[str, Any]:
         info = self.data.info
@@ -201,6 +207,7 @@ class Run:
                 "std": list(info.std),
                 "input_size": self.data.input_size,
             },
+            "model_ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": epoch,
@@ -226,7 +233,10 @@ def build_run(config: TrainConfig) -> Run:
         in_chans=config.data.in_chans,
         train_subset=config.data.train_subset,
         num_workers=config.data.num_workers,
-        hflip=config.data.hflip,
+        hflip=config.augment.hflip,
+        rand_augment=config.augment.rand_augment,
+        random_erasing=config.augment.random_erasing,
+        repeated_aug=config.augment.repeated_aug,
         pin_memory=device.type == "cuda",
     )
     spec = model_spec(config.model, data.info, data.input_size)
@@ -246,7 +256,24 @@ def build_run(config: TrainConfig) -> Run:
         label_smoothing=config.optim.label_smoothing,
     )
     _explain_heads(model, config.distill.type)
-    global_batch = config.optim.batch_size
+    mixup = build_mixup(
+        mixup=config.augment.mixup,
+        cutmix=config.augment.cutmix,
+        prob=config.augment.mix_prob,
+        switch_prob=config.augment.mix_switch_prob,
+        label_smoothing=config.optim.label_smoothing,
+        num_classes=data.info.num_classes,
+    )
+    if mixup is not None and config.optim.batch_size % 2:
+        raise RunError(
+            f"Mixup / CutMix pair the images of a batch: use an even --batch-size, not {config.optim.batch_size}"
+        )
+    global_batch = config.optim.batch_size * config.optim.accum_steps
+    optimizer_steps_per_epoch = len(data.train_loader) // config.optim.accum_steps
+    if optimizer_steps_per_epoch == 0:
+        raise RunError(
+            f"{len(data.train_loader)} batches per epoch are fewer than --accum-steps {config.optim.accum_steps}"
+        )
     return Run(
         config=config,
         device=device,
@@ -257,8 +284,10 @@ def build_run(config: TrainConfig) -> Run:
         teacher=teacher.to(device) if teacher is not None else None,
         criterion=criterion,
         optimizer=build_optimizer(model, config.optim, global_batch),
-        schedule=WarmupCosine.from_config(config.optim, global_batch, len(data.train_loader)),
+        schedule=WarmupCosine.from_config(config.optim, global_batch, optimizer_steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type) if precision.dtype == torch.float16 else None,
+        mixup=mixup,
+        ema=ModelEma(model, config.optim.ema_decay) if config.optim.ema_decay else None,
     )
 
 
@@ -322,6 +351,9 @@ def fit(config: TrainConfig) -> TrainResult:
 
 def _train_and_evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     started = time.perf_counter()
+    sampler = run.data.train_loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
     train_metrics = train_one_epoch(
         run.model,
         run.criterion,
@@ -332,6 +364,9 @@ def _train_and_evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
         device=run.device,
         precision=run.precision,
         teacher=run.teacher,
+        mixup=run.mixup,
+        accum_steps=run.config.optim.accum_steps,
+        ema=run.ema,
         scaler=run.scaler,
         clip_grad=run.config.optim.clip_grad,
         progress=run.config.run.progress,
@@ -340,13 +375,19 @@ def _train_and_evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     val_metrics = evaluate(
         run.model, run.data.val_loader, device=run.device, precision=run.precision, progress=run.config.run.progress
     )
-    return {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics, "seconds": time.perf_counter() - started}
+    record = {"epoch": epoch + 1, "train": train_metrics, "val": val_metrics}
+    if run.ema is not None:
+        record["val_ema"] = evaluate(
+            run.ema.module, run.data.val_loader, device=run.device, precision=run.precision, description="eval EMA"
+        )
+    record["seconds"] = time.perf_counter() - started
+    return record
 
 
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpoint's run and this one; the epoch count and run.* may change."""
     changed = []
-    for section in ("model", "data", "optim", "distill"):
+    for section in ("model", "data", "augment", "optim", "distill"):
         for key, value in current.get(section, {}).items():
             old = saved.get(section, {}).get(key)
             if (section, key) != ("optim", "epochs") and old != value:
@@ -373,6 +414,8 @@ def _resume(run: Run, path: Path) -> tuple[int, float, list[dict[str, Any]]]:
         )
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["model_ema"] if state.get("model_ema") else state["model"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"], run.data.train_loader.generator)
@@ -388,11 +431,12 @@ def evaluate_checkpoint(
     device: str = "auto",
     amp: str = "none",
     eval_output: str | None = None,
+    use_ema: bool = False,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Validation metrics of every head of a ``deit train`` checkpoint, on its own data set or another."""
+    """Validation metrics of every head of a ``deit train`` checkpoint (or of its EMA weights)."""
     state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, **({"eval_output": eval_output} if eval_output else {}))
+    model = model_from_checkpoint(state, use_ema=use_ema, **({"eval_output": eval_output} if eval_output else {}))
     saved = state["data"]
     config = state.get("config", {}).get("data", {})
     torch_device = resolve_device(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from deit.data.datasets import (
     DATASET_ALIASES,
@@ -15,6 +15,7 @@ from deit.data.datasets import (
     canonical_dataset_name,
     load_datasets,
 )
+from deit.data.samplers import RepeatedAugmentationSampler
 from deit.data.transforms import eval_transform, train_transform
 
 __all__ = [
@@ -49,19 +50,27 @@ def build_data(
     train_subset: int | None = None,
     num_workers: int = 0,
     hflip: float = 0.5,
+    rand_augment: str | None = None,
+    random_erasing: float = 0.0,
+    repeated_aug: int = 1,
     eval_batch_size: int | None = None,
     pin_memory: bool = False,
 ) -> DataBundle:
     """Data sets with their transforms, wrapped in seeded loaders."""
     train_set, val_set, info = load_datasets(dataset, data_path, download=download, in_chans=in_chans)
     size = _input_size(info, input_size)
-    train_set.transform = train_transform(hflip=hflip, **_transform_stats(info, size))
+    train_set.transform = train_transform(
+        hflip=hflip, rand_augment=rand_augment, random_erasing=random_erasing, **_transform_stats(info, size)
+    )
     val_set.transform = eval_transform(**_transform_stats(info, size))
     if train_subset is not None:
         train_set = Subset(train_set, balanced_subset(train_set.targets, train_subset, seed))
     if len(train_set) < batch_size:
         raise DataError(f"the training set has {len(train_set)} images, fewer than one batch of {batch_size}")
-    train_loader = _loader(train_set, batch_size, shuffle=True, seed=seed, workers=num_workers, pin=pin_memory)
+    sampler = RepeatedAugmentationSampler(len(train_set), repeated_aug, seed=seed) if repeated_aug > 1 else None
+    train_loader = _loader(
+        train_set, batch_size, shuffle=True, seed=seed, workers=num_workers, pin=pin_memory, sampler=sampler
+    )
     val_loader = _loader(
         val_set, eval_batch_size or 2 * batch_size, shuffle=False, seed=seed, workers=num_workers, pin=pin_memory
     )
@@ -95,11 +104,21 @@ def _transform_stats(info: DatasetInfo, input_size: int) -> dict:
     return {"mean": info.mean, "std": info.std, "native_size": info.native_size, "input_size": input_size}
 
 
-def _loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int, pin: bool) -> DataLoader:
+def _loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    pin: bool,
+    sampler: Sampler | None = None,
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         drop_last=shuffle,  # equal-sized training batches; evaluation sees every image
         num_workers=workers,
         pin_memory=pin,

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from deit.data import augment
+
 SMALL_IMAGE_MAX_SIZE = 64
 DEFAULT_CROP_PCT = 0.875  # 224 / 256, the paper's evaluation crop
 
@@ -28,9 +30,19 @@ def is_small_image(input_size: int) -> bool:
 
 
 def train_transform(
-    *, input_size: int, mean: Sequence[float], std: Sequence[float], native_size: int | None = None, hflip: float = 0.5
+    *,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    native_size: int | None = None,
+    hflip: float = 0.5,
+    rand_augment: str | None = None,
+    random_erasing: float = 0.0,
 ) -> v2.Transform:
-    steps: list[v2.Transform] = [v2.ToImage()]
+    """Crop and flip, then optionally RandAugment (on PIL images) and, after normalising, Random Erasing."""
+    # RandAugment works on PIL images, so in-memory uint8 tensors go through PIL first; without it,
+    # everything stays a tensor, which is several times faster for small images
+    steps: list = [v2.ToPILImage()] if rand_augment else [v2.ToImage()]
     if is_small_image(input_size):
         if native_size != input_size:
             steps.append(v2.Resize(input_size, interpolation=InterpolationMode.BICUBIC, antialias=True))
@@ -40,7 +52,11 @@ def train_transform(
         steps.append(v2.RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC, antialias=True))
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
+    if rand_augment:
+        steps += [augment.rand_augment(rand_augment, input_size=input_size, mean=mean), v2.ToImage()]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if random_erasing > 0:
+        steps.append(augment.random_erasing(random_erasing))
     return v2.Compose(steps)
 
 
