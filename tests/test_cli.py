@@ -101,3 +101,17 @@ def test_config_preset_and_override(tmp_path, capsys):
 def test_unknown_config_key_is_reported(capsys):
     assert main(["train", "--set", "optim.learning_rate=1"]) == 2
     assert "optim.learning_rate" in capsys.readouterr().err
+
+
+def test_none_on_the_command_line_switches_a_preset_setting_off():
+    from deit.cli import build_parser, train_config_from_args
+
+    preset = train_config_from_args(build_parser().parse_args(["train", "--config", "deit_tiny_imagenet"]))
+    assert preset.augment.rand_augment and preset.optim.ema_decay
+    args = build_parser().parse_args(
+        ["train", "--config", "deit_tiny_imagenet", "--aa", "none", "--model-ema-decay", "none", "--reprob", "0"]
+    )
+    config = train_config_from_args(args)
+    assert config.augment.rand_augment is None and config.optim.ema_decay is None
+    assert config.augment.random_erasing == 0.0
+    assert config.augment.mixup == preset.augment.mixup  # flags not given keep the preset's values

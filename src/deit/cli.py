@@ -24,6 +24,11 @@ from deit.training import RunError
 
 log = logging.getLogger("deit")
 
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 # (flag, config key, type, help); flags follow the official DeiT code where it has one.
 # A flag left out keeps the value of --config (or the default), so presets stay in charge.
 TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
@@ -58,7 +63,7 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--warmup-epochs", "optim.warmup_epochs", float, "linear warm-up length in epochs"),
     ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay"),
     ("--smoothing", "optim.label_smoothing", float, "label smoothing"),
-    ("--clip-grad", "optim.clip_grad", float, "clip the global gradient norm to this value"),
+    ("--clip-grad", "optim.clip_grad", _float_or_none, "clip the global gradient norm to this value; none: off"),
     (
         "--accum-steps",
         "optim.accum_steps",
@@ -68,8 +73,8 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     (
         "--model-ema-decay",
         "optim.ema_decay",
-        float,
-        "keep an EMA of the weights with this decay per step (the paper: 0.99996)",
+        _float_or_none,
+        "keep an EMA of the weights with this decay per step (official code: 0.99996); none: off",
     ),
     ("--distillation-type", "distill.type", str, f"one of {', '.join(DISTILLATION_TYPES)}"),
     ("--distillation-alpha", "distill.alpha", float, "weight of the teacher term (label term: 1 - alpha)"),
@@ -109,11 +114,16 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help=f"YAML config file or preset name ({', '.join(list_presets())})")
     for flag, key, kind, text in TRAIN_FLAGS:
         parser.add_argument(
-            flag, dest=_dest(key), type=kind, default=None, metavar=key.split(".")[1].upper(), help=f"{text} [{key}]"
+            flag,
+            dest=_dest(key),
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=key.split(".")[1].upper(),
+            help=f"{text} [{key}]",
         )
     for flag, key, value, text in TRAIN_SWITCHES:
         parser.add_argument(
-            flag, dest=_dest(key), action="store_const", const=value, default=None, help=f"{text} [{key}]"
+            flag, dest=_dest(key), action="store_const", const=value, default=argparse.SUPPRESS, help=f"{text} [{key}]"
         )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.betas=[0.9,0.95]"
@@ -123,11 +133,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = load_config(args.config) if args.config else TrainConfig()
-    overrides = {}
-    for key in [key for _, key, _, _ in TRAIN_FLAGS] + [key for _, key, _, _ in TRAIN_SWITCHES]:
-        value = getattr(args, _dest(key))
-        if value is not None:
-            overrides[key] = value
+    # flags the user gave, and only those: an absent flag leaves the preset's value, `--aa none` clears it
+    given = vars(args)
+    keys = [key for _, key, _, _ in TRAIN_FLAGS] + [key for _, key, _, _ in TRAIN_SWITCHES]
+    overrides = {key: given[_dest(key)] for key in keys if _dest(key) in given}
     overrides.update(parse_assignment(text) for text in args.set)
     return with_overrides(config, overrides)
 
