@@ -5,7 +5,7 @@ several seeds and reported as mean ± std of the validation top-1. The teacher i
 per seed and teaches the students of that seed. One distilled run gives three rows of the table:
 its class head, its distillation head and their fusion.
 
-    python benchmarks/distillation_table.py                      # the committed table (about 2 hours here)
+    python benchmarks/distillation_table.py                      # the committed table (about 40 minutes here)
     python benchmarks/distillation_table.py --epochs 1 --train-subset 512 --seeds 1 --output /tmp/t.md   # smoke
 
 Runs live under --work-dir and are resumed when present, so an interrupted table picks up where it
@@ -84,8 +84,8 @@ ROWS = (
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of every run, teacher included")
-    parser.add_argument("--train-subset", type=int, default=20000, help="class-balanced training images (0: all)")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of every run, teacher included")
+    parser.add_argument("--train-subset", type=int, default=10000, help="class-balanced training images (0: all)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work-dir", default="runs/distillation_table")
     parser.add_argument("--output", default="benchmarks/results/distillation_table.md")
