@@ -240,3 +240,23 @@ def test_full_recipe_trains_with_distillation_and_ema(tmp_path):
     ema_metrics = evaluate_checkpoint(student_dir / "checkpoint.pth", use_ema=True, progress=False)
     assert ema_metrics["acc1"] == pytest.approx(last["val_ema"]["acc1"])
     assert dataclasses.asdict(result.model.config)["drop_path_rate"] == 0.1
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_steps(amp):
+    """bf16 and fp16 autocast (fp16 with a gradient scaler) train on this device and change the weights."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = create_model("deit_pico_distilled_patch7_28", 10, in_chans=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    loader = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
+    precision = Precision.resolve(amp, device)
+    assert precision.describe() == f"{'bfloat16' if amp == 'bf16' else 'float16'} autocast on cpu"
+    metrics = train_one_epoch(
+        model, DistillationLoss(), loader, optimizer, lr_at=lambda step: 1e-3, first_step=0,
+        device=device, precision=precision, scaler=scaler,
+    )  # fmt: skip
+    assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True) if p.requires_grad)
