@@ -33,6 +33,7 @@ def _float_or_none(text: str) -> float | None:
 # A flag left out keeps the value of --config (or the default), so presets stay in charge.
 TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--model", "model.name", str, "deit variant (see `deit models`) or any timm model, e.g. resnet18 for a teacher"),
+    ("--finetune", "model.finetune", str, "start from these weights (deit checkpoint, official .pth, timm state dict)"),
     ("--drop-path", "model.drop_path", float, "stochastic depth rate"),
     ("--drop", "model.dropout", float, "dropout rate"),
     ("--attn-impl", "model.attn_impl", str, "attention kernel: sdpa or math (faster on CPU under bf16)"),

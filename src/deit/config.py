@@ -22,6 +22,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on projections; the paper uses none
     attn_impl: str = "sdpa"  # "sdpa" (fused) or "math" (faster on CPU under bf16)
     eval_output: str = "avg_logits"  # distilled models: avg_logits | softmax_sum | cls | dist
+    finetune: str | None = None  # start from these weights (ours, official .pth, timm); resized to the input size
 
 
 @dataclass(frozen=True)

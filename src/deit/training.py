@@ -38,7 +38,7 @@ from deit.data.augment import build_mixup
 from deit.ema import ModelEma
 from deit.engine import Precision, evaluate, train_one_epoch
 from deit.losses import DistillationLoss
-from deit.models import VisionTransformer, create_model, is_deit_model
+from deit.models import VisionTransformer, create_model, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
 from deit.teachers import InputSpec, Teacher, build_teacher
 
@@ -246,7 +246,10 @@ def build_run(config: TrainConfig) -> Run:
         in_chans=spec["in_chans"],
         img_size=spec["img_size"],
         **spec["options"],
-    ).to(device)
+    )
+    if config.model.finetune:
+        load_weights(model, config.model.finetune)  # logs what it had to adapt
+    model = model.to(device)
     teacher = _build_teacher(config, data)
     criterion = DistillationLoss(
         config.distill.type,

@@ -1,6 +1,7 @@
 """Models: the DeiT / ViT transformer, its named variants, and timm models by name."""
 
-from deit.models.registry import VARIANTS, create_model, is_deit_model, list_models
+from deit.models.pos_embed import resample_pos_embed
+from deit.models.registry import VARIANTS, create_model, is_deit_model, list_models, load_weights
 from deit.models.vit import EVAL_OUTPUTS, VisionTransformer, ViTConfig, fuse_heads
 
 __all__ = [
@@ -12,4 +13,6 @@ __all__ = [
     "fuse_heads",
     "is_deit_model",
     "list_models",
+    "load_weights",
+    "resample_pos_embed",
 ]

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from typing import Any
 
 from torch import nn
 
+from deit.models.pos_embed import load_adapted
 from deit.models.vit import VisionTransformer, ViTConfig
+
+log = logging.getLogger("deit")
 
 # width, depth, heads of each size; tiny/small/base are the paper's Table 1
 _SIZES = {
@@ -83,10 +87,22 @@ def create_model(
     if pretrained is True:
         raise ValueError(f"{name}: pass the path of a weights file as pretrained=")
     if pretrained:
-        from deit.checkpoint import read_state_dict
-
-        model.load_state_dict(read_state_dict(pretrained))
+        load_weights(model, pretrained)
     return model
+
+
+def load_weights(model: nn.Module, path: str) -> list[str]:
+    """Load a weights file into ``model``, adapting a DeiT's position embedding, input channels and heads."""
+    from deit.checkpoint import read_state_dict
+
+    state = read_state_dict(path)
+    if not isinstance(model, VisionTransformer):
+        model.load_state_dict(state)
+        return []
+    notes = load_adapted(model, state)
+    for note in notes:
+        log.info("%s: %s", path, note)
+    return notes
 
 
 def _create_timm_model(
