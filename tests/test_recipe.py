@@ -17,9 +17,10 @@ from deit.data.augment import build_mixup, rand_augment, random_erasing
 from deit.data.samplers import RepeatedAugmentationSampler
 from deit.ema import ModelEma
 from deit.engine import Precision, train_one_epoch
+from deit.evaluation import evaluate_checkpoint
 from deit.losses import DistillationLoss
 from deit.models import create_model, is_deit_model
-from deit.training import evaluate_checkpoint, fit, model_options
+from deit.training import fit, model_options
 
 PAPER_POLICY = "rand-m9-mstd0.5-inc1"
 

@@ -16,7 +16,8 @@ import torch
 from conftest import needs_fashion_mnist
 from deit.checkpoint import FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
 from deit.config import TrainConfig, load_config, with_overrides
-from deit.training import RunError, evaluate_checkpoint, fit
+from deit.evaluation import evaluate_checkpoint
+from deit.training import RunError, fit
 
 pytestmark = needs_fashion_mnist
 

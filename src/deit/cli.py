@@ -181,7 +181,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from deit.training import evaluate_checkpoint
+    from deit.evaluation import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         args.checkpoint,

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,17 +27,17 @@ from deit.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
-    model_from_checkpoint,
     save_checkpoint,
 )
 from deit.config import ModelConfig, TrainConfig, config_to_dict, save_config
-from deit.data import DataBundle, DatasetInfo, build_data, build_eval_data
+from deit.data import DataBundle, DatasetInfo, build_data
 from deit.data.augment import build_mixup
 from deit.ema import ModelEma
 from deit.engine import Precision, evaluate, train_one_epoch
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
+from deit.rng import restore_rng_state, rng_state, seed_everything
 from deit.teachers import InputSpec, Teacher, build_teacher
 
 log = logging.getLogger("deit")
@@ -69,12 +67,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def model_options(config: ModelConfig) -> dict[str, Any]:
     """Keyword arguments for ``create_model`` from the model section."""
     options: dict[str, Any] = {"drop_path_rate": config.drop_path, "drop_rate": config.dropout}
@@ -92,32 +84,6 @@ def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> dict[
         "img_size": input_size if is_deit_model(config.name) else None,
         "options": model_options(config),
     }
-
-
-def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG the run draws from, as tensors and plain lists (loads with weights_only=True)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "loader": loader_generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    loader_generator.set_state(state["loader"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _prepare_output_dir(config: TrainConfig) -> Path | None:
@@ -218,6 +184,36 @@ class Run:
         }
 
 
+def _build_student(spec: dict[str, Any], finetune: str | None) -> nn.Module:
+    model = create_model(
+        spec["name"],
+        num_classes=spec["num_classes"],
+        in_chans=spec["in_chans"],
+        img_size=spec["img_size"],
+        **spec["options"],
+    )
+    if finetune:
+        load_weights(model, finetune)  # logs what it had to adapt (resolution, channels, heads)
+    return model
+
+
+def _build_mixup(config: TrainConfig, num_classes: int) -> Callable | None:
+    augment = config.augment
+    mixup = build_mixup(
+        mixup=augment.mixup,
+        cutmix=augment.cutmix,
+        prob=augment.mix_prob,
+        switch_prob=augment.mix_switch_prob,
+        label_smoothing=config.optim.label_smoothing,
+        num_classes=num_classes,
+    )
+    if mixup is not None and config.optim.batch_size % 2:
+        raise RunError(
+            f"Mixup / CutMix pair the images of a batch: use an even --batch-size, not {config.optim.batch_size}"
+        )
+    return mixup
+
+
 def build_run(config: TrainConfig) -> Run:
     """Data, model, teacher, loss and optimizer for ``config``; the teacher is checked here, before any step."""
     device = resolve_device(config.run.device)
@@ -240,16 +236,7 @@ def build_run(config: TrainConfig) -> Run:
         pin_memory=device.type == "cuda",
     )
     spec = model_spec(config.model, data.info, data.input_size)
-    model = create_model(
-        spec["name"],
-        num_classes=spec["num_classes"],
-        in_chans=spec["in_chans"],
-        img_size=spec["img_size"],
-        **spec["options"],
-    )
-    if config.model.finetune:
-        load_weights(model, config.model.finetune)  # logs what it had to adapt
-    model = model.to(device)
+    model = _build_student(spec, config.model.finetune).to(device)
     teacher = _build_teacher(config, data)
     criterion = DistillationLoss(
         config.distill.type,
@@ -259,18 +246,6 @@ def build_run(config: TrainConfig) -> Run:
         label_smoothing=config.optim.label_smoothing,
     )
     _explain_heads(model, config.distill.type)
-    mixup = build_mixup(
-        mixup=config.augment.mixup,
-        cutmix=config.augment.cutmix,
-        prob=config.augment.mix_prob,
-        switch_prob=config.augment.mix_switch_prob,
-        label_smoothing=config.optim.label_smoothing,
-        num_classes=data.info.num_classes,
-    )
-    if mixup is not None and config.optim.batch_size % 2:
-        raise RunError(
-            f"Mixup / CutMix pair the images of a batch: use an even --batch-size, not {config.optim.batch_size}"
-        )
     global_batch = config.optim.batch_size * config.optim.accum_steps
     optimizer_steps_per_epoch = len(data.train_loader) // config.optim.accum_steps
     if optimizer_steps_per_epoch == 0:
@@ -289,7 +264,7 @@ def build_run(config: TrainConfig) -> Run:
         optimizer=build_optimizer(model, config.optim, global_batch),
         schedule=WarmupCosine.from_config(config.optim, global_batch, optimizer_steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type) if precision.dtype == torch.float16 else None,
-        mixup=mixup,
+        mixup=_build_mixup(config, data.info.num_classes),
         ema=ModelEma(model, config.optim.ema_decay) if config.optim.ema_decay else None,
     )
 
@@ -423,42 +398,3 @@ def _resume(run: Run, path: Path) -> tuple[int, float, list[dict[str, Any]]]:
         run.scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"], run.data.train_loader.generator)
     return int(state["epoch"]), float(state["best_acc1"]), list(state.get("history", []))
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    *,
-    dataset: str | None = None,
-    data_path: str | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    amp: str = "none",
-    eval_output: str | None = None,
-    use_ema: bool = False,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Validation metrics of every head of a ``deit train`` checkpoint (or of its EMA weights)."""
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, use_ema=use_ema, **({"eval_output": eval_output} if eval_output else {}))
-    saved = state["data"]
-    config = state.get("config", {}).get("data", {})
-    torch_device = resolve_device(device)
-    loader, info = build_eval_data(
-        dataset or saved["dataset"],
-        data_path if data_path is not None else config.get("path"),
-        batch_size=batch_size,
-        input_size=saved["input_size"],
-        in_chans=state["model_spec"]["in_chans"],
-    )
-    if list(info.class_names) != list(saved["class_names"]):
-        raise RunError(
-            f"the checkpoint was trained on {len(saved['class_names'])} classes {saved['class_names'][:5]}..., "
-            f"the data set has {info.num_classes} {list(info.class_names)[:5]}..."
-        )
-    return evaluate(
-        model.to(torch_device),
-        loader,
-        device=torch_device,
-        precision=Precision.resolve(amp, torch_device),
-        progress=progress,
-    )
