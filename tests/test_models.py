@@ -340,3 +340,10 @@ def test_drop_path_drops_whole_samples_and_rescales():
 def test_parameter_count_matches_table1(name, millions, tolerance):
     model = create_model(name, num_classes=1000)
     assert num_params(model) / 1e6 == pytest.approx(millions, abs=tolerance)
+
+
+def test_timm_transformers_are_built_at_the_input_size_and_cnns_at_any(fast_init):
+    vit = create_model("timm:deit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=32, depth=1)
+    assert vit(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    cnn = create_model("resnet10t", num_classes=10, in_chans=1, img_size=28)  # img_size is not passed to a CNN
+    assert cnn(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -81,7 +81,7 @@ def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> dict[
         "name": config.name,
         "num_classes": info.num_classes,
         "in_chans": info.in_chans,
-        "img_size": input_size if is_deit_model(config.name) else None,
+        "img_size": input_size,  # used by transformers (ours and timm's); CNNs take any size
         "options": model_options(config),
     }
 

@@ -47,6 +47,8 @@ def _variants() -> dict[str, ViTConfig]:
 
 
 VARIANTS: dict[str, ViTConfig] = _variants()
+# timm model families whose position embeddings fix the input size at construction
+_FIXED_SIZE_FAMILIES = ("vit", "deit", "cait", "beit", "eva", "swin", "xcit", "levit", "pit_", "tnt", "crossvit")
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -115,8 +117,8 @@ def _create_timm_model(
         hint = f"; did you mean one of {close}?" if close else ""
         raise ValueError(f"unknown model {name!r}: neither a deit variant nor a timm model{hint}")
     kwargs = dict(overrides)
-    if img_size is not None and ("vit" in name or "deit" in name):  # CNNs take any size
-        kwargs.setdefault("img_size", img_size)
+    if img_size is not None and any(family in name for family in _FIXED_SIZE_FAMILIES):
+        kwargs.setdefault("img_size", img_size)  # CNNs take any size and do not accept img_size
     checkpoint_path = pretrained if isinstance(pretrained, str) else None
     model = timm.create_model(name, pretrained=pretrained is True, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if checkpoint_path:
