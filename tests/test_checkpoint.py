@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import os
+import threading
+from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
 import deit.checkpoint
-from deit.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, read_state_dict, save_checkpoint
+from deit.checkpoint import (
+    CheckpointError,
+    fetch_weights,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_state_dict,
+    save_checkpoint,
+)
+from deit.models import create_model
 
 
 class NotWeights:
@@ -72,7 +86,7 @@ def test_failed_save_keeps_previous_checkpoint_and_removes_temporary(tmp_path, m
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")  # bytes reach the temporary file, then the disk fills up
+        Path(f).write_bytes(b"half a checkpoint")  # bytes reach the temporary file, then the disk fills up
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(deit.checkpoint.torch, "save", failing_save)
@@ -196,3 +210,88 @@ def test_model_from_checkpoint_rebuilds_the_model(tmp_path):
 def test_model_from_foreign_file_asks_for_the_architecture():
     with pytest.raises(CheckpointError, match="--teacher-model"):
         model_from_checkpoint({"model": weights()})
+
+
+# --- URLs: downloaded once, hash-checked -------------------------------------------------------
+
+
+@pytest.fixture
+def web_folder(tmp_path, monkeypatch):
+    """A folder served over HTTP on loopback, and a private torch hub cache; yields (folder, base URL)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def publish(folder: Path, stem: str) -> tuple[str, str]:
+    """Save a small state dict as ``<stem>-<sha256[:8]>.pth``; returns (file name, full digest)."""
+    scratch = folder / "scratch.pth"
+    torch.save(weights(), scratch)
+    digest = hashlib.sha256(scratch.read_bytes()).hexdigest()
+    name = f"{stem}-{digest[:8]}.pth"
+    scratch.rename(folder / name)
+    return name, digest
+
+
+def test_url_with_hash_in_its_name_is_downloaded_once_and_loaded(web_folder):
+    folder, base = web_folder
+    name, _ = publish(folder, "weights")
+    state = read_state_dict(f"{base}/{name}")
+    assert torch.equal(state["layer.weight"], weights()["layer.weight"])
+    (folder / name).unlink()  # a second read comes from the cache
+    assert torch.equal(read_state_dict(f"{base}/{name}")["layer.weight"], weights()["layer.weight"])
+
+
+def test_url_with_a_sha256_fragment_is_checked(web_folder):
+    folder, base = web_folder
+    name, digest = publish(folder, "weights")
+    (folder / name).rename(folder / "plain.pth")
+    assert read_state_dict(f"{base}/plain.pth#sha256={digest}")["layer.weight"].shape == weights()["layer.weight"].shape
+
+
+def test_wrong_hash_is_refused_and_nothing_is_cached(web_folder):
+    folder, base = web_folder
+    name, _ = publish(folder, "weights")
+    (folder / name).rename(folder / "weights-00000000.pth")
+    with pytest.raises(CheckpointError, match="invalid hash"):
+        read_state_dict(f"{base}/weights-00000000.pth")
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_url_without_a_hash_is_refused(web_folder):
+    folder, base = web_folder
+    torch.save(weights(), folder / "weights.pth")
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_state_dict(f"{base}/weights.pth")
+
+
+def test_a_cached_file_that_changed_is_refused(web_folder):
+    folder, base = web_folder
+    name, _ = publish(folder, "weights")
+    cached = fetch_weights(f"{base}/{name}", progress=False)
+    cached.write_bytes(cached.read_bytes() + b"tampered")
+    with pytest.raises(CheckpointError, match="does not match"):
+        read_state_dict(f"{base}/{name}")
+
+
+def test_pretrained_true_fetches_the_official_weights(monkeypatch, tmp_path, fast_init):
+    """Offline here: the download is replaced by a file of the same layout; the URL asked for is checked."""
+    official = timm.create_model("deit_tiny_distilled_patch16_224")
+    local = tmp_path / "official.pth"
+    torch.save({"model": official.state_dict()}, local)
+    asked = []
+    monkeypatch.setattr(deit.checkpoint, "fetch_weights", lambda url, **_: asked.append(url) or local)
+    model = create_model("deit_tiny_distilled_patch16_224", pretrained=True)
+    assert asked == ["https://dl.fbaipublicfiles.com/deit/deit_tiny_distilled_patch16_224-b40b3cf7.pth"]
+    assert torch.equal(model.dist_token, official.dist_token)
+    with pytest.raises(ValueError, match="no published weights"):
+        create_model("deit_pico_patch4_28", pretrained=True)

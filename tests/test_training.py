@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import deit.training
 from conftest import needs_fashion_mnist
 from deit.checkpoint import FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
 from deit.config import TrainConfig, load_config, with_overrides
@@ -119,6 +120,24 @@ def test_resume_from_another_model_is_refused(first_run, tmp_path):
     with pytest.raises(CheckpointError, match="another model"):
         fit(config)
     assert not (tmp_path / "other" / "checkpoint.pth").exists()
+
+
+def test_resume_from_an_official_weights_file_starts_from_its_weights(first_run, tmp_path, monkeypatch):
+    """--resume with an official {'model': ...} file, as the official code: weights in, epoch 0, fresh optimizer."""
+    trained = load_checkpoint(first_run[2] / "checkpoint.pth")["model"]
+    official = tmp_path / "official.pth"
+    torch.save({"model": trained}, official)
+    loaded = {}
+    real_train = deit.training.train_one_epoch
+
+    def spy(model, *args, **kwargs):  # the weights the first step starts from
+        loaded.update({key: value.clone() for key, value in model.state_dict().items()})
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(deit.training, "train_one_epoch", spy)
+    result = fit(tiny_config(tmp_path / "resumed", **{"optim.epochs": 1, "run.resume": str(official)}))
+    assert [r["epoch"] for r in result.history] == [1]
+    assert all(torch.equal(loaded[key], trained[key]) for key in trained)
 
 
 def test_evaluate_checkpoint_matches_the_last_epoch(first_run):

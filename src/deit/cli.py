@@ -2,6 +2,8 @@
 
 deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --distillation-type hard
 deit eval --checkpoint runs/student/checkpoint.pth
+deit export --checkpoint runs/student/checkpoint.pth --format onnx --output student.onnx
+deit predict --checkpoint runs/student/checkpoint.pth shirt.png boot.jpg
 deit demo
 deit models [PATTERN]
 """
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from deit.checkpoint import CheckpointError
 from deit.config import ConfigError, TrainConfig, list_presets, load_config, parse_assignment, with_overrides
 from deit.data import DataError
+from deit.export import ExportError
 from deit.losses import DISTILLATION_TYPES, KL_REDUCTIONS
 from deit.models import EVAL_OUTPUTS, list_models
 from deit.teachers import TeacherMismatchError
@@ -205,6 +208,70 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    from deit.export import EXPORT_FORMATS, EXPORT_HEADS
+
+    parser = subparsers.add_parser(
+        "export",
+        help="write a checkpoint's model as safetensors, TorchScript or ONNX",
+        description="Export a trained model for inference: it takes a normalised (B, C, H, W) batch of any size "
+        "and returns (B, classes) logits; class names, mean, std and input size travel inside the file.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by deit train")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    parser.add_argument("--output", required=True, help="file to write")
+    parser.add_argument(
+        "--head",
+        choices=EXPORT_HEADS,
+        default="fused",
+        help="prediction of a distilled model: fused (as trained), avg_logits, softmax_sum, cls or dist",
+    )
+    parser.add_argument("--ema", action="store_true", help="export the EMA of the weights")
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from deit.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.output, format=args.format, head=args.head, use_ema=args.ema)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="top-k classes of image files",
+        description="Predict image files (PNG, JPEG, ...; grayscale or colour) with a trained checkpoint. "
+        "Exit code 1 if some file could not be read; the others are still predicted.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a deit train checkpoint or an exported .safetensors")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--eval-output", choices=EVAL_OUTPUTS, help="prediction of a distilled model")
+    parser.add_argument("--ema", action="store_true", help="predict with the EMA of the weights")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="one JSON list of {path, predictions, error}")
+    parser.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from deit.predict import Predictor
+
+    predictor = Predictor(args.checkpoint, use_ema=args.ema, eval_output=args.eval_output, device=args.device)
+    predictions = predictor.predict(args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([prediction.to_dict() for prediction in predictions], indent=2))
+    for prediction in predictions:
+        if prediction.error:
+            print(f"deit: error: {prediction.path}: {prediction.error}", file=sys.stderr)
+        elif not args.json:
+            print(prediction.path)
+            for name, probability in prediction.top:
+                print(f"  {probability:7.2%}  {name}")
+    return 1 if any(prediction.error for prediction in predictions) else 0
+
+
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     from deit.demo import DemoSettings
 
@@ -260,13 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_export_parser(subparsers)
+    add_predict_parser(subparsers)
     add_demo_parser(subparsers)
     add_models_parser(subparsers)
     return parser
 
 
 # errors that describe bad input: print the message, not a traceback
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TeacherMismatchError, RunError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    ExportError,
+    TeacherMismatchError,
+    RunError,
+    FileNotFoundError,
+    ValueError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

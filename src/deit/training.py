@@ -28,6 +28,7 @@ from deit.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
+    weights_of,
 )
 from deit.config import ModelConfig, TrainConfig, config_to_dict, save_config
 from deit.data import DataBundle, DatasetInfo, build_data
@@ -99,7 +100,7 @@ def _prepare_output_dir(config: TrainConfig) -> Path | None:
     return out
 
 
-def _resume_path(config: TrainConfig, out: Path | None) -> Path | None:
+def _resume_path(config: TrainConfig, out: Path | None) -> Path | str | None:
     if config.run.resume is None:
         return None
     if config.run.resume == "auto":
@@ -107,7 +108,7 @@ def _resume_path(config: TrainConfig, out: Path | None) -> Path | None:
             raise RunError("--resume auto needs --output-dir")
         latest = out / "checkpoint.pth"
         return latest if latest.exists() else None  # nothing yet: start from scratch
-    return Path(config.run.resume)
+    return config.run.resume  # a path or a URL: load_checkpoint reads both
 
 
 def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | None:
@@ -373,11 +374,16 @@ def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
-def _resume(run: Run, path: Path) -> tuple[int, float, list[dict[str, Any]]]:
+def _resume(run: Run, path: Path | str) -> tuple[int, float, list[dict[str, Any]]]:
     """Load a checkpoint of this very run into ``run``; returns (next epoch, best top-1, history)."""
     state = load_checkpoint(path)
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} was not written by `deit train`; use --finetune to start from other weights")
+    if state.get("format") != FORMAT or "optimizer" not in state:
+        # weights only (official .pth, timm state dict, an export): as the official code, start from them at epoch 0
+        log.info("%s holds weights only (no optimizer or epoch): training starts from them at epoch 0", path)
+        load_weights(run.model, weights_of(state, path), source=str(path))
+        if run.ema is not None:
+            run.ema.load_state_dict(run.model.state_dict())
+        return 0, 0.0, []
     theirs = {k: state["model_spec"].get(k) for k in ("name", "num_classes", "in_chans", "img_size")}
     ours = {k: run.spec[k] for k in theirs}
     if theirs != ours:

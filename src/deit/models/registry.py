@@ -12,6 +12,7 @@ import difflib
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from deit.models.pos_embed import load_adapted
@@ -47,6 +48,19 @@ def _variants() -> dict[str, ViTConfig]:
 
 
 VARIANTS: dict[str, ViTConfig] = _variants()
+# The paper's ImageNet weights as released with the official code; the hash prefix in each file name is
+# checked on download (see deit.checkpoint.fetch_weights). Used by create_model(name, pretrained=True).
+OFFICIAL_WEIGHTS_BASE = "https://dl.fbaipublicfiles.com/deit/"
+OFFICIAL_WEIGHTS = {
+    "deit_tiny_patch16_224": "deit_tiny_patch16_224-a1311bcf.pth",
+    "deit_small_patch16_224": "deit_small_patch16_224-cd65a155.pth",
+    "deit_base_patch16_224": "deit_base_patch16_224-b5f2ef4d.pth",
+    "deit_tiny_distilled_patch16_224": "deit_tiny_distilled_patch16_224-b40b3cf7.pth",
+    "deit_small_distilled_patch16_224": "deit_small_distilled_patch16_224-649709d9.pth",
+    "deit_base_distilled_patch16_224": "deit_base_distilled_patch16_224-df68dfff.pth",
+    "deit_base_patch16_384": "deit_base_patch16_384-8de9b5d1.pth",
+    "deit_base_distilled_patch16_384": "deit_base_distilled_patch16_384-d0272ac0.pth",
+}
 # timm model families whose position embeddings fix the input size at construction
 _FIXED_SIZE_FAMILIES = ("vit", "deit", "cait", "beit", "eva", "swin", "xcit", "levit", "pit_", "tnt", "crossvit")
 
@@ -72,8 +86,9 @@ def create_model(
     """Build a model by name.
 
     For our variants, ``overrides`` are fields of ``ViTConfig`` (``drop_path_rate``,
-    ``attn_impl``, ``eval_output``, ...) and ``pretrained`` is a path to a
-    checkpoint file (official ``{'model': ...}``, timm state dict, or ours).
+    ``attn_impl``, ``eval_output``, ...) and ``pretrained`` is a path or URL of a
+    checkpoint file (official ``{'model': ...}``, timm state dict, or ours), or
+    True for the official ImageNet weights of the paper's models (downloaded, hash-checked).
     Any other name goes to ``timm.create_model`` with the same arguments.
     """
     if name.startswith("timm:") or name not in VARIANTS:
@@ -87,23 +102,31 @@ def create_model(
         config = dataclasses.replace(config, img_size=img_size)
     model = VisionTransformer(config)
     if pretrained is True:
-        raise ValueError(f"{name}: pass the path of a weights file as pretrained=")
+        if name not in OFFICIAL_WEIGHTS:
+            raise ValueError(
+                f"{name} has no published weights (those that do: {sorted(OFFICIAL_WEIGHTS)}); "
+                "pass the path of a weights file as pretrained="
+            )
+        pretrained = OFFICIAL_WEIGHTS_BASE + OFFICIAL_WEIGHTS[name]
     if pretrained:
         load_weights(model, pretrained)
     return model
 
 
-def load_weights(model: nn.Module, path: str) -> list[str]:
-    """Load a weights file into ``model``, adapting a DeiT's position embedding, input channels and heads."""
+def load_weights(model: nn.Module, weights: str | dict[str, torch.Tensor], source: str | None = None) -> list[str]:
+    """Load a weights file, URL or state dict into ``model``, adapting a DeiT's position embedding, channels, heads.
+
+    Returns what had to be adapted (also logged, prefixed with ``source``).
+    """
     from deit.checkpoint import read_state_dict
 
-    state = read_state_dict(path)
+    state = read_state_dict(weights) if isinstance(weights, str) else weights
     if not isinstance(model, VisionTransformer):
         model.load_state_dict(state)
         return []
     notes = load_adapted(model, state)
     for note in notes:
-        log.info("%s: %s", path, note)
+        log.info("%s: %s", source or weights, note)
     return notes
 
 
