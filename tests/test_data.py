@@ -304,7 +304,7 @@ def test_build_data_image_folder_grayscale_and_large(make_image_folder):
     data = build_data("imagefolder", str(root), batch_size=2, seed=0, input_size=72, in_chans=1)
     images, _ = next(iter(data.val_loader))
     assert images.shape == (2, 1, 72, 72)  # the large-image preset: resize and centre crop
-    assert isinstance(data.train_loader.dataset, ImageFileDataset)
+    assert isinstance(data.train_loader.dataset.dataset, ImageFileDataset)
 
 
 def test_build_data_image_folder_needs_input_size(make_image_folder):
@@ -315,5 +315,5 @@ def test_build_data_image_folder_needs_input_size(make_image_folder):
 
 def test_build_data_refuses_batch_larger_than_training_set(make_image_folder):
     root = make_image_folder(classes=("a", "b"), per_class={"train": 2, "val": 1})
-    with pytest.raises(DataError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         build_data("imagefolder", str(root), batch_size=8, seed=0, input_size=16)

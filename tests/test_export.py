@@ -60,6 +60,7 @@ def test_onnx_matches_pytorch_at_several_batch_sizes(checkpoint, tmp_path, head)
     assert read_description(path)["data"]["class_names"] == CLASS_NAMES
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_matches_pytorch_with_a_new_batch_size(checkpoint, tmp_path):
     path = export_checkpoint(checkpoint, tmp_path / "model.pt", format="torchscript", head="dist")
     scripted = torch.jit.load(str(path))

@@ -14,7 +14,7 @@ from conftest import needs_fashion_mnist
 from deit.config import PRESETS_DIR, TrainConfig, list_presets, load_config, with_overrides
 from deit.data import build_data
 from deit.data.augment import build_mixup, rand_augment, random_erasing
-from deit.data.samplers import RepeatedAugmentationSampler
+from deit.data.samplers import EpochSampler
 from deit.ema import ModelEma
 from deit.engine import Precision, train_one_epoch
 from deit.evaluation import evaluate_checkpoint
@@ -100,26 +100,49 @@ def test_random_erasing_replaces_one_box():
 # --- repeated augmentation -----------------------------------------------------------------------
 
 
+def indices(sampler: EpochSampler) -> list[int]:
+    return [index for index, _ in sampler]
+
+
 def test_repeated_augmentation_yields_each_index_three_times_per_epoch():
-    sampler = RepeatedAugmentationSampler(100, 3, seed=1)
-    indices = list(sampler)
-    assert len(indices) == len(sampler) == 99  # the data set's length, cut to whole groups of 3
-    counts = torch.bincount(torch.tensor(indices), minlength=100)
+    sampler = EpochSampler(100, repeats=3, seed=1)
+    drawn = list(sampler)
+    order = [index for index, _ in drawn]
+    assert len(order) == len(sampler) == 99  # the data set's length, cut to whole groups of 3
+    counts = torch.bincount(torch.tensor(order), minlength=100)
     assert set(counts.tolist()) == {0, 3}
-    assert indices[0] == indices[1] == indices[2]  # on one process the copies share a batch
-    assert list(sampler) == indices  # same epoch, same order
+    assert order[0] == order[1] == order[2]  # on one process the copies share a batch
+    assert len({seed for _, seed in drawn}) == 99  # each copy has its own augmentation seed
+    assert list(sampler) == drawn  # same epoch, same order and seeds
     sampler.set_epoch(1)
-    assert list(sampler) != indices
+    assert indices(sampler) != order
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_repeated_augmentation_across_processes(world):
-    ranks = [RepeatedAugmentationSampler(1000, 3, num_replicas=world, rank=r, seed=5) for r in range(world)]
-    per_rank = [list(s) for s in ranks]
+    ranks = [EpochSampler(1000, repeats=3, num_replicas=world, rank=r, seed=5) for r in range(world)]
+    per_rank = [indices(s) for s in ranks]
     assert len({len(p) for p in per_rank}) == 1  # every rank the same length: no rank waits at a barrier
     counts = torch.bincount(torch.tensor(sum(per_rank, [])), minlength=1000)
     assert set(counts.tolist()) <= {0, 3}
     assert counts.sum() == len(ranks[0]) * world
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_processes_share_one_global_order_with_the_same_seeds(world):
+    """The union of the processes' i-th batches is the one process's i-th global batch, seeds included."""
+    single = list(EpochSampler(120, seed=7))
+    shards = [list(EpochSampler(120, num_replicas=world, rank=r, seed=7)) for r in range(world)]
+    merged = [shards[position % world][position // world] for position in range(len(shards[0]) * world)]
+    assert merged == single[: len(merged)]
+
+
+def test_resuming_inside_an_epoch_skips_exactly_the_samples_seen():
+    sampler = EpochSampler(90, repeats=3, num_replicas=2, rank=1, seed=3)
+    sampler.set_epoch(4)
+    whole = list(sampler)
+    sampler.set_epoch(4, start=10)
+    assert list(sampler) == whole[10:]
 
 
 @needs_fashion_mnist

@@ -59,11 +59,14 @@ def copy_run(first_run, tmp_path: Path) -> Path:
 
 def test_fit_writes_config_metrics_and_checkpoints(first_run):
     config, result, out = first_run
-    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "checkpoint.pth", "config.yaml", "metrics.jsonl"]
+    files = ["best.pth", "checkpoint.pth", "config.yaml", "metrics.jsonl", "steps.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == files
     assert load_config(out / "config.yaml") == config
 
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(16)) and [s["epoch"] for s in steps] == [1] * 8 + [2] * 8
     for record in records:
         assert record["train"]["steps"] == 8  # 512 images in batches of 64
         assert record["val"]["num_samples"] == 10000

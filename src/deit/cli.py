@@ -4,8 +4,10 @@ deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --d
 deit eval --checkpoint runs/student/checkpoint.pth
 deit export --checkpoint runs/student/checkpoint.pth --format onnx --output student.onnx
 deit predict --checkpoint runs/student/checkpoint.pth shirt.png boot.jpg
+deit verify-data --data-path data
 deit demo
 deit models [PATTERN]
+torchrun --nproc_per_node 2 -m deit train ...   (each process runs this same command line)
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from deit.checkpoint import CheckpointError
 from deit.config import ConfigError, TrainConfig, list_presets, load_config, parse_assignment, with_overrides
 from deit.data import DataError
+from deit.engine import NonFiniteLossError
 from deit.export import ExportError
+from deit.interrupts import RunInterrupted
 from deit.losses import DISTILLATION_TYPES, KL_REDUCTIONS
 from deit.models import EVAL_OUTPUTS, list_models
 from deit.teachers import TeacherMismatchError
@@ -52,6 +57,12 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--in-chans", "data.in_chans", int, "image folders: 1 to read grayscale, 3 for RGB"),
     ("--train-subset", "data.train_subset", int, "train on a seeded class-balanced subset of this many images"),
     ("--num-workers", "data.num_workers", int, "data loader worker processes"),
+    (
+        "--bad-files",
+        "data.bad_files",
+        str,
+        "unreadable images in a folder: error (stop, naming the file) or skip (leave them out, with a warning)",
+    ),
     ("--hflip", "augment.hflip", float, "horizontal flip probability"),
     ("--aa", "augment.rand_augment", str, "RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (the paper's); none: off"),
     ("--reprob", "augment.random_erasing", float, "Random Erasing probability (the paper: 0.25)"),
@@ -93,6 +104,12 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--teacher-path", "distill.teacher_path", str, "teacher weights: a `deit train` checkpoint or an official .pth"),
     ("--output-dir", "run.output_dir", str, "where checkpoints and logs go"),
     ("--resume", "run.resume", str, "checkpoint to continue from, or 'auto' for the output dir's latest"),
+    (
+        "--checkpoint-steps",
+        "run.checkpoint_steps",
+        int,
+        "also write checkpoint.pth every this many optimizer steps (exact resume inside an epoch)",
+    ),
     ("--seed", "run.seed", int, "random seed"),
     ("--device", "run.device", str, "auto, cpu, cuda, cuda:N"),
     ("--amp", "run.amp", str, "autocast precision: none, bf16, fp16"),
@@ -312,6 +329,27 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_verify_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify-data",
+        help="find unreadable images in a folder",
+        description="Decode every image file under --data-path (an ImageFolder tree or any folder) and list those "
+        "that cannot be read: truncated, empty, or not an image. Exit code 1 if there are any.",
+    )
+    parser.add_argument("--data-path", required=True)
+    parser.set_defaults(handler=run_verify_data)
+
+
+def run_verify_data(args: argparse.Namespace) -> int:
+    from deit.data.datasets import find_unreadable
+
+    checked, problems = find_unreadable(args.data_path)
+    for path, reason in problems:
+        print(f"{path}: {reason}")
+    print(f"{checked} image files checked, {len(problems)} unreadable", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="list the deit model variants")
     parser.add_argument("pattern", nargs="?", default="")
@@ -330,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(subparsers)
     add_predict_parser(subparsers)
     add_demo_parser(subparsers)
+    add_verify_data_parser(subparsers)
     add_models_parser(subparsers)
     return parser
 
@@ -347,11 +386,17 @@ USER_ERRORS = (
 )
 
 
+# exit codes besides 0: 1 some inputs failed (predict, verify-data), 2 bad input or settings,
+# 3 the loss or the weights stopped being finite, 128 + N stopped by signal N after writing a checkpoint
+EXIT_NON_FINITE = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 reports progress
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s {'' if rank == 0 else f'[rank {rank}] '}%(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
@@ -361,6 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"deit: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"deit: error: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except RunInterrupted as stopped:
+        print(f"deit: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("deit: interrupted", file=sys.stderr)
         return 130

@@ -34,6 +34,7 @@ class DataConfig:
     download: bool = False  # fetch Fashion-MNIST / CIFAR when missing (needs the internet)
     train_subset: int | None = None  # train on a seeded, class-balanced subset of this many images
     num_workers: int = 0  # loader worker processes; 0 decodes in the training process
+    bad_files: str = "error"  # image folders: error (name the unreadable file) | skip (leave it out, warn)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class RunConfig:
     resume: str | None = None  # a checkpoint to continue from, or "auto" for output_dir's latest
     eval_teacher: bool = True  # also report the teacher's accuracy on the validation set
     progress: bool = True  # show a progress bar
+    checkpoint_steps: int | None = None  # also write checkpoint.pth every this many optimizer steps
 
 
 @dataclass(frozen=True)

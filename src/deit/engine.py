@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from deit.ema import ModelEma
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, fuse_heads
 from deit.optim import set_lr
+from deit.rng import seed_step
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +46,62 @@ class Precision:
         return f"{str(self.dtype).removeprefix('torch.')} autocast on {self.device_type}"
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; no step was taken with it."""
+
+
+class StepGuard:
+    """What the loop asks between steps; this one is for a single process with nothing to watch.
+
+    ``agree`` runs before each backward pass: all processes must take it
+    together, so a non-finite loss on any of them stops all of them (none waits
+    forever in the gradient all-reduce). ``after_step`` runs after each optimizer
+    step; it returns True to end the epoch there (a stop was requested).
+    """
+
+    def agree(self, loss: torch.Tensor, step: int) -> float:
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"the loss is {value} at step {step}; stopping without taking that step")
+        return value
+
+    def after_step(self, step: int, loss: float, lr: float) -> bool:
+        return False
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of an epoch's losses. A mid-epoch checkpoint saves it, so a resumed epoch reports the same means."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    micro_batches: int = 0
+    images: int = 0
+    lr: float = float("nan")
+
+    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, torch.zeros((), device=value.device)) + value.detach().float()
+        self.micro_batches += 1
+        self.images += images
+
+    def means(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Mean of each loss over the epoch's micro-batches (of every process, with ``reduce`` summing across)."""
+        names = sorted(self.sums)
+        totals = torch.stack([self.sums[name].cpu() for name in names] + [torch.tensor(float(self.micro_batches))])
+        if reduce is not None:
+            totals = reduce(totals)
+        return {name: (totals[i] / max(totals[-1].item(), 1)).item() for i, name in enumerate(names)}
+
+    def state_dict(self) -> dict[str, Any]:
+        sums = {name: value.cpu() for name, value in self.sums.items()}
+        return {"sums": sums, "micro_batches": self.micro_batches, "images": self.images, "lr": self.lr}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochMeter:
+        sums = {name: value.to(device) for name, value in state["sums"].items()}
+        return cls(sums, int(state["micro_batches"]), int(state["images"]), float(state["lr"]))
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: DistillationLoss,
@@ -61,23 +120,38 @@ def train_one_epoch(
     clip_grad: float | None = None,
     progress: bool = False,
     description: str = "train",
+    steps: int | None = None,
+    meter: EpochMeter | None = None,
+    guard: StepGuard | None = None,
+    seed: int | None = None,
+    rank: int = 0,
 ) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns mean losses, last lr and throughput.
+    """Train over ``loader`` for ``steps`` optimizer steps (default: all whole ones); returns this process's means.
 
-    ``first_step`` and ``lr_at`` count optimizer steps, each made of
-    ``accum_steps`` micro-batches (a trailing incomplete group is dropped).
+    Steps are numbered globally: the first batch of ``loader`` belongs to step
+    ``first_step``, and ``lr_at(step)`` gives its learning rate. Each step is
+    ``accum_steps`` micro-batches. With ``seed``, each micro-batch reseeds the
+    generators it draws from (Mixup, stochastic depth) from (seed, step,
+    micro-batch, rank), which makes a run resumed at any step exact. ``meter``
+    carries the epoch's sums in and out (a resumed epoch passes the saved one).
     """
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    micro_batches, images_seen, lr = 0, 0, float("nan")
+    meter = meter if meter is not None else EpochMeter()
+    guard = guard if guard is not None else StepGuard()
+    if steps is None:
+        steps = len(loader) // accum_steps  # type: ignore[arg-type]
     start = time.perf_counter()
-    usable = len(loader) // accum_steps * accum_steps if hasattr(loader, "__len__") else None
-    bar = tqdm(loader, desc=description, total=usable, disable=not progress, leave=False, dynamic_ncols=True)
-    for images, targets in bar:
-        if micro_batches == usable:
-            break
+    images_before = meter.images
+    bar = tqdm(total=steps * accum_steps, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    batches = iter(loader)
+    step_loss = 0.0
+    for offset in range(steps * accum_steps):
+        step, micro = first_step + offset // accum_steps, offset % accum_steps
+        images, targets = next(batches)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if seed is not None:
+            seed_step(seed, step, micro, rank)
         if mixup is not None:
             images, targets = mixup(images, targets)  # targets become soft (B, classes)
         with precision.autocast():
@@ -85,30 +159,44 @@ def train_one_epoch(
             # the teacher sees exactly the batch the student saw, augmentations and mixing included
             teacher_logits = teacher(images) if criterion.needs_teacher else None
         losses = criterion.components(outputs, targets, teacher_logits)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            step = first_step + micro_batches // accum_steps
-            raise FloatingPointError(f"the loss is {loss.item()} at step {step}; stopping")
-        scaled = loss / accum_steps
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        micro_batches += 1
-        if micro_batches % accum_steps == 0:
-            lr = lr_at(first_step + micro_batches // accum_steps - 1)
-            _optimizer_step(model, optimizer, lr, scaler, clip_grad)
+        step_loss += guard.agree(losses["loss"], step) / accum_steps
+        last_micro = micro == accum_steps - 1
+        with _maybe_no_sync(model, last_micro):  # DDP: all-reduce gradients once per optimizer step
+            scaled = losses["loss"] / accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        meter.add(losses, images.shape[0])
+        bar.update()
+        if last_micro:
+            meter.lr = lr_at(step)
+            _optimizer_step(model, optimizer, meter.lr, scaler, clip_grad)
             if ema is not None:
-                ema.update(model)
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-        images_seen += images.shape[0]
-        if progress and micro_batches % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                ema.update(_unwrap(model))
+            if progress:
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{meter.lr:.2e}", refresh=False)
+            stop = guard.after_step(step, step_loss, meter.lr)
+            step_loss = 0.0
+            if stop:
+                break
     bar.close()
     elapsed = time.perf_counter() - start
-    metrics = {name: (total / max(micro_batches, 1)).item() for name, total in sums.items()}
+    metrics = meter.means()
     metrics.update(
-        lr=lr, steps=micro_batches // accum_steps, images_per_sec=images_seen / max(elapsed, 1e-9), seconds=elapsed
+        lr=meter.lr,
+        steps=meter.micro_batches // accum_steps,
+        images_per_sec=(meter.images - images_before) / max(elapsed, 1e-9),
+        seconds=elapsed,
     )
     return metrics
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _optimizer_step(
@@ -159,11 +247,14 @@ def evaluate(
     precision: Precision,
     progress: bool = False,
     description: str = "eval",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 (in %) of every head, and the loss of the prediction.
 
     Keys: ``acc1``, ``acc5``, ``loss`` for the prediction; ``{head}_acc1`` and
-    ``{head}_acc5`` for each head of a distilled model; ``num_samples``.
+    ``{head}_acc5`` for each head of a distilled model; ``num_samples``. With
+    several processes, each evaluates its own share of the images and
+    ``reduce`` sums the counts across them.
     """
     model.eval()
     correct: dict[str, torch.Tensor] = {}
@@ -182,8 +273,14 @@ def evaluate(
             correct[f"{name}_acc1"] = correct.get(f"{name}_acc1", 0) + hits[:, 0].sum()
             correct[f"{name}_acc5"] = correct.get(f"{name}_acc5", 0) + hits.any(dim=-1).sum()
         count += images.shape[0]
+    names = sorted(correct)
+    totals = torch.stack([correct[name].double() for name in names] + [loss_sum.double()]).cpu()
+    totals = torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64)])
+    if reduce is not None:
+        totals = reduce(totals)
+    count = int(totals[-1].item())
     if count == 0:
         raise ValueError("the evaluation set is empty")
-    metrics = {name.removeprefix("prediction_"): 100.0 * hits.item() / count for name, hits in correct.items()}
-    metrics.update(loss=loss_sum.item() / count, num_samples=count)
+    metrics = {name.removeprefix("prediction_"): 100.0 * totals[i].item() / count for i, name in enumerate(names)}
+    metrics.update(loss=totals[-2].item() / count, num_samples=count)
     return metrics

@@ -1,46 +1,39 @@
-"""Reproducibility: seeding every RNG a run draws from, and saving / restoring their states.
+"""Reproducibility without hidden state: every random draw of a run is seeded from counters.
 
-States are kept as tensors and plain lists so that checkpoints load with
-``torch.load(weights_only=True)`` (a numpy RNG state holds an ndarray, which
-would not).
+A run draws random numbers in two places, and both are reseeded from the run's
+seed and where the run is, never carried over from earlier draws:
+
+* data augmentation, per sample, from (seed, epoch, position in the epoch)
+  (see ``data.samplers``);
+* the training step (Mixup / CutMix, stochastic depth, dropout), per
+  micro-batch, from (seed, optimizer step, micro-batch, process rank).
+
+So a checkpoint needs no generator states: (epoch, step) is the whole random
+state. A run resumed from any step, with any number of data-loader workers,
+repeats the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import numpy as np
 import torch
 
 
+def derive_seed(*counters: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence hashing)."""
+    low, high = np.random.SeedSequence([abs(int(c)) for c in counters]).generate_state(2)
+    return (int(high) << 32 | int(low)) & (2**63 - 1)
+
+
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices), e.g. before building a model."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG the run draws from, as tensors and plain lists (loads with weights_only=True)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "loader": loader_generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    loader_generator.set_state(state["loader"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def seed_step(seed: int, step: int, micro_batch: int, rank: int) -> None:
+    """Seed every generator a training micro-batch draws from (model dropout, Mixup's numpy draws)."""
+    seed_everything(derive_seed(seed, step, micro_batch, rank))

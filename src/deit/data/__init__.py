@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from deit.data.datasets import (
@@ -15,7 +14,7 @@ from deit.data.datasets import (
     canonical_dataset_name,
     load_datasets,
 )
-from deit.data.samplers import RepeatedAugmentationSampler
+from deit.data.samplers import EpochSampler, SeededSamples, ShardSampler
 from deit.data.transforms import eval_transform, train_transform
 
 __all__ = [
@@ -32,8 +31,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DataBundle:
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: DataLoader  # yields this process's batches; set_epoch on train_sampler first
+    train_sampler: EpochSampler
+    val_loader: DataLoader  # this process's share of the validation set: each image on exactly one process
     info: DatasetInfo
     input_size: int
 
@@ -55,9 +55,14 @@ def build_data(
     repeated_aug: int = 1,
     eval_batch_size: int | None = None,
     pin_memory: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
+    bad_files: str = "error",
 ) -> DataBundle:
-    """Data sets with their transforms, wrapped in seeded loaders."""
-    train_set, val_set, info = load_datasets(dataset, data_path, download=download, in_chans=in_chans)
+    """Data sets with their transforms, in loaders for process ``rank`` of ``num_replicas``."""
+    train_set, val_set, info = load_datasets(
+        dataset, data_path, download=download, in_chans=in_chans, bad_files=bad_files
+    )
     size = _input_size(info, input_size)
     train_set.transform = train_transform(
         hflip=hflip, rand_augment=rand_augment, random_erasing=random_erasing, **_transform_stats(info, size)
@@ -65,16 +70,17 @@ def build_data(
     val_set.transform = eval_transform(**_transform_stats(info, size))
     if train_subset is not None:
         train_set = Subset(train_set, balanced_subset(train_set.targets, train_subset, seed))
-    if len(train_set) < batch_size:
-        raise DataError(f"the training set has {len(train_set)} images, fewer than one batch of {batch_size}")
-    sampler = RepeatedAugmentationSampler(len(train_set), repeated_aug, seed=seed) if repeated_aug > 1 else None
+    if len(train_set) < batch_size * num_replicas:
+        raise DataError(
+            f"the training set has {len(train_set)} images, fewer than one global batch of {batch_size * num_replicas}"
+        )
+    sampler = EpochSampler(len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed)
     train_loader = _loader(
-        train_set, batch_size, shuffle=True, seed=seed, workers=num_workers, pin=pin_memory, sampler=sampler
+        SeededSamples(train_set), batch_size, sampler, workers=num_workers, pin=pin_memory, train=True
     )
-    val_loader = _loader(
-        val_set, eval_batch_size or 2 * batch_size, shuffle=False, seed=seed, workers=num_workers, pin=pin_memory
-    )
-    return DataBundle(train_loader, val_loader, info, size)
+    val_sampler = ShardSampler(len(val_set), num_replicas=num_replicas, rank=rank)
+    val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, val_sampler, workers=num_workers, pin=pin_memory)
+    return DataBundle(train_loader, sampler, val_loader, info, size)
 
 
 def build_eval_data(
@@ -90,7 +96,8 @@ def build_eval_data(
     """The validation loader alone, for evaluating a trained model."""
     _, val_set, info = load_datasets(dataset, data_path, in_chans=in_chans)
     val_set.transform = eval_transform(**_transform_stats(info, _input_size(info, input_size)))
-    return _loader(val_set, batch_size, shuffle=False, seed=0, workers=num_workers, pin=pin_memory), info
+    sampler = ShardSampler(len(val_set))
+    return _loader(val_set, batch_size, sampler, workers=num_workers, pin=pin_memory), info
 
 
 def _input_size(info: DatasetInfo, input_size: int | None) -> int:
@@ -105,23 +112,14 @@ def _transform_stats(info: DatasetInfo, input_size: int) -> dict:
 
 
 def _loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int,
-    workers: int,
-    pin: bool,
-    sampler: Sampler | None = None,
+    dataset: Dataset, batch_size: int, sampler: Sampler, *, workers: int, pin: bool, train: bool = False
 ) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
-        drop_last=shuffle,  # equal-sized training batches; evaluation sees every image
+        drop_last=train,  # equal-sized training batches on every process; evaluation sees every image
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed),
     )

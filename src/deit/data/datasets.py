@@ -9,6 +9,7 @@ names, channels, normalisation and native image size.
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+log = logging.getLogger("deit")
 
 # Accepted --data-set values; CIFAR and IMNET are the official code's names (its CIFAR is CIFAR-100).
 DATASET_ALIASES = {
@@ -121,6 +124,37 @@ def load_image(path: Path, mode: str = "RGB") -> Image.Image:
             return image.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image (empty, truncated, not an image), or None if it decodes."""
+    try:
+        load_image(path)
+    except DataError as error:
+        return str(error.__cause__ or error)
+    return None
+
+
+def find_unreadable(root: str | Path) -> tuple[int, list[tuple[Path, str]]]:
+    """Decode every image file under ``root``; returns (files checked, [(path, reason) of the unreadable])."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data path {root} does not exist or is not a folder")
+    files = _image_files(root)
+    problems = [(path, reason) for path in files if (reason := unreadable_reason(path)) is not None]
+    return len(files), problems
+
+
+def _readable(samples: list[tuple[Path, int]], split: str) -> list[tuple[Path, int]]:
+    kept, skipped = [], []
+    for path, label in samples:
+        (kept if unreadable_reason(path) is None else skipped).append((path, label))
+    if skipped:
+        names = [str(path) for path, _ in skipped[:10]]
+        log.warning("--bad-files skip: left out %d unreadable %s images: %s", len(skipped), split, names)
+    if not kept:
+        raise DataError(f"no readable images in the {split} split")
+    return kept
 
 
 def canonical_dataset_name(name: str) -> str:
@@ -268,10 +302,25 @@ def scan_image_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path,
 # --- entry point ---------------------------------------------------------------------------------
 
 
+BAD_FILE_POLICIES = ("error", "skip")
+
+
 def load_datasets(
-    name: str, data_path: str | None = None, *, download: bool = False, in_chans: int | None = None
+    name: str,
+    data_path: str | None = None,
+    *,
+    download: bool = False,
+    in_chans: int | None = None,
+    bad_files: str = "error",
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """The train and validation sets (without transforms) and what a model needs to know about them."""
+    """The train and validation sets (without transforms) and what a model needs to know about them.
+
+    ``bad_files="error"`` lets an unreadable image raise when it is read, naming
+    its path; ``"skip"`` reads every image file first and leaves the unreadable
+    ones out, before any sampling, so every process sees the same data set.
+    """
+    if bad_files not in BAD_FILE_POLICIES:
+        raise DataError(f"unknown bad-file policy {bad_files!r}; choose one of {BAD_FILE_POLICIES}")
     name = canonical_dataset_name(name)
     if data_path is not None and not download and not Path(data_path).exists():
         raise DataError(f"data path {data_path} does not exist")
@@ -287,6 +336,8 @@ def load_datasets(
             raise DataError("an ImageFolder data set needs --data-path pointing at a folder with train/ and val/")
         channels = in_chans or 3
         classes, samples = scan_image_folder(Path(data_path))
+        if bad_files == "skip":
+            samples = {split: _readable(files, split) for split, files in samples.items()}
         train = ImageFileDataset(samples["train"], channels)
         val = ImageFileDataset(samples["val"], channels)
         native_size = None

@@ -1,32 +1,44 @@
-"""Samplers: repeated augmentation, on one process or many.
+"""Samplers: the order of an epoch, shared by any number of processes, with a seed for every sample.
+
+``EpochSampler`` draws one global order per (seed, epoch) and deals it out to
+the processes: process ``r`` of ``w`` takes positions ``r, r + w, ...``, so the
+union of the processes' i-th batches is always the same set of images,
+whatever the number of processes. Each position also carries its own
+augmentation seed (see ``SeededSamples``): an image's crop, flip, RandAugment
+and erasing depend on (seed, epoch, position) only, not on the process, the
+data-loader worker or what ran before. That is what makes a resumed run, a
+run with more workers, and a 2-process run repeat a 1-process run exactly.
 
 Repeated augmentation (Hoffer et al. 2020; Berman et al. 2019) puts several
-copies of each sampled image in the same global batch, each augmented anew.
-The epoch keeps the data set's length, as in the paper: with 3 repeats an
-epoch sees a third of the images, three times each.
-
-Unlike the official code, it also repeats on a single process, where the
-copies sit next to each other in the batch; with several processes the copies
-of one image go to different processes, which together make the global batch.
+copies of each drawn image in the epoch, each with its own seed, so each is
+augmented anew. The epoch keeps the data set's length, as in the paper: with
+3 repeats it sees a third of the images, three times each. Unlike the
+official code it also repeats on one process, where the copies sit next to
+each other in a batch; with several processes they go to different processes.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+from deit.rng import derive_seed
 
 
-class RepeatedAugmentationSampler(Sampler[int]):
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, augmentation seed)`` for this process's share of the epoch."""
+
     def __init__(
         self,
         dataset_size: int,
-        repeats: int = 3,
         *,
+        repeats: int = 1,
         num_replicas: int = 1,
         rank: int = 0,
-        shuffle: bool = True,
         seed: int = 0,
     ) -> None:
         if repeats < 1:
@@ -40,25 +52,62 @@ class RepeatedAugmentationSampler(Sampler[int]):
         self.repeats = repeats
         self.num_replicas = num_replicas
         self.rank = rank
-        self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.start = 0
         # the whole epoch, all processes together: the data set's length, cut to whole groups of copies
         self.total_size = dataset_size // group * group
         self.num_samples = self.total_size // num_replicas
 
-    def set_epoch(self, epoch: int) -> None:
-        """Each epoch draws a new order; the same (seed, epoch) always gives the same one."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw ``epoch``'s order; skip this process's first ``start`` samples (to resume inside an epoch)."""
         self.epoch = epoch
+        self.start = start
 
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.dataset_size, generator=generator)
-        else:
-            order = torch.arange(self.dataset_size)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        order = torch.randperm(self.dataset_size, generator=generator)
+        seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)  # one per position
         repeated = order.repeat_interleave(self.repeats)[: self.total_size]  # a a a b b b ...
-        return iter(repeated[self.rank :: self.num_replicas].tolist())
+        mine = slice(self.rank + self.start * self.num_replicas, None, self.num_replicas)
+        return zip(repeated[mine].tolist(), seeds[mine].tolist(), strict=True)
 
     def __len__(self) -> int:
+        """The whole epoch's share, also when resuming inside it (the loop counts the skipped batches)."""
         return self.num_samples
+
+
+class ShardSampler(Sampler[int]):
+    """Process ``rank`` of ``num_replicas`` takes every ``num_replicas``-th index: each image is seen exactly once."""
+
+    def __init__(self, dataset_size: int, *, num_replicas: int = 1, rank: int = 0) -> None:
+        self.indices = range(rank, dataset_size, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SeededSamples(Dataset):
+    """A data set read with ``(index, seed)`` keys: the transform's randomness is seeded by the key's seed.
+
+    torchvision's transforms draw from torch's global generator, timm's
+    RandAugment and Random Erasing from ``random`` and numpy's global state;
+    all three are seeded before each sample. The training step reseeds them
+    before it draws (see ``deit.rng.seed_step``), so nothing leaks across.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[object, int]:
+        index, seed = key
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also touch CUDA, 30x slower
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.dataset[index]

@@ -1,0 +1,73 @@
+"""Several processes through torchrun: process-group set-up, who writes, and sums across processes.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for
+each process it starts. Without them a run is a single process and every
+helper here is a no-op, so the training code has one path for both.
+NCCL is used between GPUs, gloo between CPU processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only this process writes files and logs progress."""
+        return self.rank == 0
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of ``values`` over all processes (a new tensor; the input is untouched)."""
+        total = values.detach().clone()
+        if self.enabled:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` of every process, in rank order (small picklable objects only)."""
+        if not self.enabled:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def from_environment() -> Distributed:
+    """The process layout torchrun describes in the environment (one process when it is absent)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    return Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_process_group(layout: Distributed, device: torch.device) -> None:
+    """Join the process group (once per process); NCCL on CUDA, gloo otherwise."""
+    if not layout.enabled or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

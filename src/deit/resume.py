@@ -1,0 +1,121 @@
+"""Continuing a run from its checkpoint, at an epoch boundary or in the middle of an epoch.
+
+A checkpoint of a run holds the weights, the EMA, the optimizer and scaler,
+where the run is (epoch, step in the epoch) and every process's loss sums
+for the epoch in progress. Nothing else is needed to repeat the uninterrupted
+run bit for bit: the sampler's order and every random draw are functions of
+(seed, epoch, step) (see ``deit.rng``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from deit.checkpoint import FORMAT, CheckpointError, load_checkpoint, weights_of
+from deit.config import TrainConfig, config_to_dict
+from deit.engine import EpochMeter
+from deit.models import load_weights
+from deit.run import Progress, Run, RunError
+
+log = logging.getLogger("deit")
+
+
+def resume_source(config: TrainConfig, out: Path | None) -> Path | str | None:
+    """The checkpoint ``--resume`` names: a path or URL, or for ``auto`` the output directory's latest (if any)."""
+    if config.run.resume is None:
+        return None
+    if config.run.resume == "auto":
+        if out is None:
+            raise RunError("--resume auto needs --output-dir")
+        latest = out / "checkpoint.pth"
+        return latest if latest.exists() else None  # nothing yet: start from scratch
+    return config.run.resume
+
+
+# settings a resumed run may change: they do not change what is computed (run.* may change too)
+RESUMABLE_CHANGES = {("optim", "epochs"), ("data", "num_workers")}
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint's run and this one, except RESUMABLE_CHANGES and run.*."""
+    changed = []
+    for section in ("model", "data", "augment", "optim", "distill"):
+        for key, value in current.get(section, {}).items():
+            old = saved.get(section, {}).get(key)
+            if (section, key) not in RESUMABLE_CHANGES and old != value:
+                changed.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return changed
+
+
+def resume(run: Run, path: Path | str) -> Progress:
+    """Load a checkpoint of this very run into ``run`` and return where it was.
+
+    A file that holds weights only (an official ``.pth``, a timm state dict, an
+    export) starts the run from those weights at epoch 0, as the official code
+    does with ``--resume``.
+    """
+    state = load_checkpoint(path)
+    if state.get("format") != FORMAT or "optimizer" not in state:
+        log.info("%s holds weights only (no optimizer or epoch): training starts from them at epoch 0", path)
+        load_weights(run.model, weights_of(state, path), source=str(path))
+        if run.ema is not None:
+            run.ema.load_state_dict(run.model.state_dict())
+        return Progress()
+    _check_same_run(run, state, path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["model_ema"] if state.get("model_ema") else state["model"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    return Progress(
+        epoch=int(state["epoch"]),
+        epoch_step=int(state.get("epoch_step", 0)),
+        best_acc1=float(state["best_acc1"]),
+        history=list(state.get("history", [])),
+        meter=_my_meter(run, state),
+    )
+
+
+def _check_same_run(run: Run, state: dict[str, Any], path: Path | str) -> None:
+    theirs = {k: state["model_spec"].get(k) for k in ("name", "num_classes", "in_chans", "img_size")}
+    ours = {k: run.spec[k] for k in theirs}
+    if theirs != ours:
+        raise CheckpointError(
+            f"{path} holds another model ({theirs}) than this run builds ({ours}); nothing was loaded"
+        )
+    changed = changed_settings(state.get("config", {}), config_to_dict(run.config))
+    if changed:
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume it with its own settings "
+            "or train into another --output-dir. Nothing was loaded or overwritten"
+        )
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != run.layout.world_size:
+        log.warning(
+            "%s was written by %d processes and this run has %d: the global batch and the order of the images "
+            "change from here on, so the run continues but does not repeat the original one exactly",
+            path,
+            saved_world,
+            run.layout.world_size,
+        )
+
+
+def _my_meter(run: Run, state: dict[str, Any]) -> EpochMeter:
+    """This process's loss sums for the epoch in progress; on another process count, rank 0 takes them all."""
+    meters = state.get("meters") or []
+    if not meters or not state.get("epoch_step"):
+        return EpochMeter()
+    if len(meters) == run.layout.world_size:
+        return EpochMeter.from_state(meters[run.layout.rank], run.device)
+    if run.layout.rank != 0:
+        return EpochMeter()
+    merged = EpochMeter.from_state(meters[0], run.device)
+    for other in meters[1:]:  # sums and counts add up, so the epoch's means stay right
+        extra = EpochMeter.from_state(other, run.device)
+        merged.sums = {name: merged.sums[name] + extra.sums[name] for name in merged.sums}
+        merged.micro_batches += extra.micro_batches
+        merged.images += extra.images
+    return merged

@@ -1,0 +1,259 @@
+"""Everything a training run is made of, built once from its config: data, model, teacher, loss, optimizer.
+
+``build_run(config)`` checks what can be checked before the first step (the
+teacher's classes, the batch against Mixup and accumulation) so that a
+misconfigured run fails in seconds, not after an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from deit.checkpoint import FORMAT, FORMAT_VERSION
+from deit.config import ModelConfig, TrainConfig, config_to_dict
+from deit.data import DataBundle, DatasetInfo, build_data
+from deit.data.augment import build_mixup
+from deit.distributed import Distributed
+from deit.ema import ModelEma
+from deit.engine import EpochMeter, Precision
+from deit.losses import DistillationLoss
+from deit.models import VisionTransformer, create_model, is_deit_model, load_weights
+from deit.optim import WarmupCosine, build_optimizer
+from deit.rng import seed_everything
+from deit.teachers import InputSpec, Teacher, build_teacher
+
+log = logging.getLogger("deit")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue as configured; the message says why."""
+
+
+def resolve_device(name: str, layout: Distributed | None = None) -> torch.device:
+    """The device to run on; under torchrun, ``auto`` and ``cuda`` mean this process's GPU (LOCAL_RANK)."""
+    local_rank = layout.local_rank if layout is not None and layout.enabled else None
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {name} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def model_options(config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for ``create_model`` from the model section."""
+    options: dict[str, Any] = {"drop_path_rate": config.drop_path, "drop_rate": config.dropout}
+    if is_deit_model(config.name):
+        options.update(attn_impl=config.attn_impl, eval_output=config.eval_output)
+    return options
+
+
+def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> dict[str, Any]:
+    """Everything needed to rebuild the model from a checkpoint (see checkpoint.model_from_checkpoint)."""
+    return {
+        "name": config.name,
+        "num_classes": info.num_classes,
+        "in_chans": info.in_chans,
+        "img_size": input_size,  # used by transformers (ours and timm's); CNNs take any size
+        "options": model_options(config),
+    }
+
+
+def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | None:
+    distill = config.distill
+    if distill.type == "none" and not (distill.teacher_path or distill.teacher_pretrained):
+        return None
+    return build_teacher(
+        distill.teacher_model,
+        distill.teacher_path,
+        student_input=InputSpec(data.info.in_chans, data.info.mean, data.info.std),
+        num_classes=data.info.num_classes,
+        class_names=data.info.class_names,
+        input_size=data.input_size,
+        pretrained=distill.teacher_pretrained,
+    )
+
+
+def _explain_heads(model: nn.Module, distillation_type: str) -> None:
+    distilled = isinstance(model, VisionTransformer) and model.distilled
+    if distilled and distillation_type == "none":
+        log.warning(
+            "distilled model without a teacher: both the class and the distillation head learn from the labels, "
+            "so the fused prediction never includes an untrained head"
+        )
+    elif not distilled and distillation_type != "none":
+        log.warning(
+            "the student has no distillation token: the label and teacher terms both train its single head (the "
+            "paper's 'usual distillation'); for distillation through attention use a deit_*_distilled_* model"
+        )
+
+
+@dataclass
+class Progress:
+    """Where a run is: what a checkpoint must hold besides the weights to continue it exactly."""
+
+    epoch: int = 0  # epochs completed
+    epoch_step: int = 0  # optimizer steps completed in the epoch in progress
+    best_acc1: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per completed epoch
+    meter: EpochMeter = field(default_factory=EpochMeter)  # this process's sums for the epoch in progress
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once from its config."""
+
+    config: TrainConfig
+    layout: Distributed
+    device: torch.device
+    precision: Precision
+    data: DataBundle
+    spec: dict[str, Any]
+    model: nn.Module  # the model itself: checkpoints, EMA and evaluation use it
+    train_model: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
+    teacher: Teacher | None
+    criterion: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler | None
+    mixup: Callable | None
+    ema: ModelEma | None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the same on every process)."""
+        return len(self.data.train_loader) // self.config.optim.accum_steps
+
+    def checkpoint_state(self, progress: Progress, meters: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything to rebuild and continue this run; ``meters`` holds every process's epoch sums, in rank order.
+
+        Only tensors, numbers, strings, lists and dicts: it loads with ``weights_only=True``. No generator
+        state is needed: every random draw is seeded from (seed, epoch, step), see ``deit.rng``.
+        """
+        info = self.data.info
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "model_spec": self.spec,
+            "data": {
+                "dataset": info.name,
+                "class_names": list(info.class_names),
+                "mean": list(info.mean),
+                "std": list(info.std),
+                "input_size": self.data.input_size,
+            },
+            "model_ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": progress.epoch,
+            "epoch_step": progress.epoch_step,
+            "meters": meters,
+            "world_size": self.layout.world_size,
+            "best_acc1": progress.best_acc1,
+            "history": progress.history,
+            "config": config_to_dict(self.config),
+        }
+
+
+def _build_student(spec: dict[str, Any], finetune: str | None) -> nn.Module:
+    model = create_model(
+        spec["name"],
+        num_classes=spec["num_classes"],
+        in_chans=spec["in_chans"],
+        img_size=spec["img_size"],
+        **spec["options"],
+    )
+    if finetune:
+        load_weights(model, finetune)  # logs what it had to adapt (resolution, channels, heads)
+    return model
+
+
+def _build_mixup(config: TrainConfig, num_classes: int) -> Callable | None:
+    augment = config.augment
+    mixup = build_mixup(
+        mixup=augment.mixup,
+        cutmix=augment.cutmix,
+        prob=augment.mix_prob,
+        switch_prob=augment.mix_switch_prob,
+        label_smoothing=config.optim.label_smoothing,
+        num_classes=num_classes,
+    )
+    if mixup is not None and config.optim.batch_size % 2:
+        raise RunError(
+            f"Mixup / CutMix pair the images of a batch: use an even --batch-size, not {config.optim.batch_size}"
+        )
+    return mixup
+
+
+def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
+    """Data, model, teacher, loss and optimizer for ``config``; the teacher is checked here, before any step."""
+    layout = layout or Distributed()
+    device = resolve_device(config.run.device, layout)
+    precision = Precision.resolve(config.run.amp, device)
+    seed_everything(config.run.seed)  # the same initial weights on every process
+    data = build_data(
+        config.data.dataset,
+        config.data.path,
+        batch_size=config.optim.batch_size,
+        seed=config.run.seed,
+        input_size=config.data.input_size,
+        download=config.data.download,
+        in_chans=config.data.in_chans,
+        train_subset=config.data.train_subset,
+        num_workers=config.data.num_workers,
+        hflip=config.augment.hflip,
+        rand_augment=config.augment.rand_augment,
+        random_erasing=config.augment.random_erasing,
+        repeated_aug=config.augment.repeated_aug,
+        pin_memory=device.type == "cuda",
+        num_replicas=layout.world_size,
+        rank=layout.rank,
+        bad_files=config.data.bad_files,
+    )
+    spec = model_spec(config.model, data.info, data.input_size)
+    model = _build_student(spec, config.model.finetune).to(device)
+    teacher = _build_teacher(config, data)
+    criterion = DistillationLoss(
+        config.distill.type,
+        alpha=config.distill.alpha,
+        tau=config.distill.tau,
+        kl_reduction=config.distill.kl_reduction,
+        label_smoothing=config.optim.label_smoothing,
+    )
+    _explain_heads(model, config.distill.type)
+    global_batch = config.optim.batch_size * config.optim.accum_steps * layout.world_size
+    optimizer_steps_per_epoch = len(data.train_loader) // config.optim.accum_steps
+    if optimizer_steps_per_epoch == 0:
+        raise RunError(
+            f"{len(data.train_loader)} batches per epoch are fewer than --accum-steps {config.optim.accum_steps}"
+        )
+    train_model = model
+    if layout.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return Run(
+        config=config,
+        layout=layout,
+        device=device,
+        precision=precision,
+        data=data,
+        spec=spec,
+        model=model,
+        train_model=train_model,
+        teacher=teacher.to(device) if teacher is not None else None,
+        criterion=criterion,
+        optimizer=build_optimizer(model, config.optim, global_batch),
+        schedule=WarmupCosine.from_config(config.optim, global_batch, optimizer_steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type) if precision.dtype == torch.float16 else None,
+        mixup=_build_mixup(config, data.info.num_classes),
+        ema=ModelEma(model, config.optim.ema_decay) if config.optim.ema_decay else None,
+    )

@@ -1,0 +1,120 @@
+"""torchrun on CPU (gloo): 2 processes against 1 with the same global batch; stops agreed by every process.
+
+Each test starts real processes with ``python -m torch.distributed.run``, as a
+user would, on the small ImageFolder of test_faults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from deit.checkpoint import load_checkpoint
+from deit.config import TrainConfig, save_config, with_overrides
+from deit.training import fit
+from test_faults import REPO, folder, read_jsonl, recipe, teacher  # noqa: F401 (fixtures used by name)
+
+pytestmark = pytest.mark.slow
+
+
+def same_run_on_two_processes(data: Path, teacher_path: Path, out: Path, **overrides) -> dict:
+    """The recipe without Mixup and stochastic depth, whose draws depend on the batch each process holds."""
+    no_batch_draws = {"augment.mixup": 0.0, "augment.cutmix": 0.0, "model.drop_path": 0.0}
+    values = recipe(data, teacher_path, out, **no_batch_draws)
+    values.update({"data.num_workers": 0, "run.checkpoint_steps": None, **overrides})
+    return values
+
+
+def torchrun(args: list[str], tmp_path: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.Popen(command, env=env, cwd=tmp_path, text=True, **popen)
+
+
+def write_config(values: dict, path: Path) -> Path:
+    save_config(with_overrides(TrainConfig(), values), path)
+    return path
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(folder, teacher, tmp_path):  # noqa: F811
+    one = same_run_on_two_processes(folder, teacher, tmp_path / "one", **{"optim.batch_size": 16})
+    fit(with_overrides(TrainConfig(), one))
+    two = same_run_on_two_processes(folder, teacher, tmp_path / "two", **{"optim.batch_size": 8})
+    child = torchrun(["-m", "deit", "train", "--config", str(write_config(two, tmp_path / "two.yaml"))], tmp_path)
+    assert child.wait(timeout=300) == 0
+
+    steps_one, steps_two = read_jsonl(tmp_path / "one" / "steps.jsonl"), read_jsonl(tmp_path / "two" / "steps.jsonl")
+    assert [s["step"] for s in steps_two] == [s["step"] for s in steps_one] == list(range(12))
+    for a, b in zip(steps_one[:4], steps_two[:4], strict=True):
+        assert a["lr"] == b["lr"]  # the learning rate follows the global batch, not the per-process one
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    epochs_one, epochs_two = (
+        read_jsonl(tmp_path / "one" / "metrics.jsonl"),
+        read_jsonl(tmp_path / "two" / "metrics.jsonl"),
+    )
+    for a, b in zip(epochs_one, epochs_two, strict=True):
+        assert b["val"]["num_samples"] == a["val"]["num_samples"] == 12  # every image once, across both processes
+        assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], abs=1e-4)
+    state = load_checkpoint(tmp_path / "two" / "checkpoint.pth")
+    assert state["world_size"] == 2 and len(state["meters"]) == 2
+
+
+NAN_ON_RANK_1 = textwrap.dedent(
+    """
+    import os, sys
+    import deit.losses
+    from deit.cli import main
+
+    real = deit.losses.DistillationLoss.components
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        losses = real(self, *args, **kwargs)
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    deit.losses.DistillationLoss.components = poisoned
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_nan_on_one_process_stops_every_process_without_a_hang(folder, teacher, tmp_path):  # noqa: F811
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    values = same_run_on_two_processes(folder, teacher, tmp_path / "run", **{"optim.batch_size": 8})
+    config = write_config(values, tmp_path / "run.yaml")
+    child = torchrun([str(script), "train", "--config", str(config)], tmp_path, stderr=subprocess.PIPE)
+    _, stderr = child.communicate(timeout=300)
+    assert child.returncode != 0
+    assert stderr.count("the loss is not finite at step 2 on 1 of 2 process(es)") == 2, stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_sigterm_to_torchrun_stops_both_processes_at_the_same_step(folder, teacher, tmp_path):  # noqa: F811
+    values = same_run_on_two_processes(folder, teacher, tmp_path / "run", **{"optim.batch_size": 8, "optim.epochs": 50})
+    config = write_config(values, tmp_path / "run.yaml")
+    child = torchrun(["-m", "deit", "train", "--config", str(config)], tmp_path, stderr=subprocess.PIPE)
+    steps = tmp_path / "run" / "steps.jsonl"
+    deadline = time.monotonic() + 180
+    while not (steps.exists() and len(steps.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert time.monotonic() - sent < 30, stderr[-3000:]
+    assert stderr.count("stopped by SIGTERM after finishing the step") == 2, stderr[-3000:]
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert len(state["meters"]) == 2
+    last = json.loads(steps.read_text().splitlines()[-1])
+    assert state["epoch"] * 6 + state["epoch_step"] == last["step"] + 1
