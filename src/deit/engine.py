@@ -147,18 +147,10 @@ def train_one_epoch(
     step_loss = 0.0
     for offset in range(steps * accum_steps):
         step, micro = first_step + offset // accum_steps, offset % accum_steps
-        images, targets = next(batches)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = (tensor.to(device, non_blocking=True) for tensor in next(batches))
         if seed is not None:
             seed_step(seed, step, micro, rank)
-        if mixup is not None:
-            images, targets = mixup(images, targets)  # targets become soft (B, classes)
-        with precision.autocast():
-            outputs = model(images)
-            # the teacher sees exactly the batch the student saw, augmentations and mixing included
-            teacher_logits = teacher(images) if criterion.needs_teacher else None
-        losses = criterion.components(outputs, targets, teacher_logits)
+        losses = _forward(model, criterion, images, targets, teacher=teacher, mixup=mixup, precision=precision)
         step_loss += guard.agree(losses["loss"], step) / accum_steps
         last_micro = micro == accum_steps - 1
         with _maybe_no_sync(model, last_micro):  # DDP: all-reduce gradients once per optimizer step
@@ -180,13 +172,29 @@ def train_one_epoch(
     bar.close()
     elapsed = time.perf_counter() - start
     metrics = meter.means()
-    metrics.update(
-        lr=meter.lr,
-        steps=meter.micro_batches // accum_steps,
-        images_per_sec=(meter.images - images_before) / max(elapsed, 1e-9),
-        seconds=elapsed,
-    )
+    rate = (meter.images - images_before) / max(elapsed, 1e-9)
+    metrics.update(lr=meter.lr, steps=meter.micro_batches // accum_steps, images_per_sec=rate, seconds=elapsed)
     return metrics
+
+
+def _forward(
+    model: nn.Module,
+    criterion: DistillationLoss,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    teacher: nn.Module | None,
+    mixup: Callable | None,
+    precision: Precision,
+) -> dict[str, torch.Tensor]:
+    """The loss components of one micro-batch, after Mixup / CutMix."""
+    if mixup is not None:
+        images, targets = mixup(images, targets)  # targets become soft (B, classes)
+    with precision.autocast():
+        outputs = model(images)
+        # the teacher sees exactly the batch the student saw, augmentations and mixing included
+        teacher_logits = teacher(images) if criterion.needs_teacher else None
+    return criterion.components(outputs, targets, teacher_logits)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
