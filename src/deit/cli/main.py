@@ -1,0 +1,98 @@
+"""The ``deit`` command line: each subcommand builds a config and calls the library.
+
+deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --distillation-type hard
+deit eval --checkpoint runs/student/checkpoint.pth
+deit export --checkpoint runs/student/checkpoint.pth --format onnx --output student.onnx
+deit predict --checkpoint runs/student/checkpoint.pth shirt.png boot.jpg
+deit verify-data --data-path data
+deit demo
+deit models [PATTERN]
+torchrun --nproc_per_node 2 -m deit train ...   (each process runs this same command line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from deit.checkpoint import CheckpointError
+from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
+from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
+from deit.config import ConfigError
+from deit.data import DataError
+from deit.engine import NonFiniteLossError
+from deit.export import ExportError
+from deit.interrupts import RunInterrupted
+from deit.teachers import TeacherMismatchError
+from deit.training import RunError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deit",
+        description="Data-efficient image transformers: train DeiT students distilled from CNN teachers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in (
+        add_train_parser,
+        add_eval_parser,
+        add_export_parser,
+        add_predict_parser,
+        add_demo_parser,
+        add_verify_data_parser,
+        add_models_parser,
+    ):
+        add_parser(subparsers)
+    return parser
+
+
+# errors that describe bad input: print the message, not a traceback
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    ExportError,
+    TeacherMismatchError,
+    RunError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+# exit codes besides 0: 1 some inputs failed (predict, verify-data), 2 bad input or settings,
+# 3 the loss or the weights stopped being finite, 128 + N stopped by signal N after writing a checkpoint
+EXIT_NON_FINITE = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 reports progress
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s {'' if rank == 0 else f'[rank {rank}] '}%(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        if args.verbose:
+            raise
+        print(f"deit: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"deit: error: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except RunInterrupted as stopped:
+        print(f"deit: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("deit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
