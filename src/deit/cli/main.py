@@ -4,6 +4,8 @@ deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --d
 deit eval --checkpoint runs/student/checkpoint.pth
 deit export --checkpoint runs/student/checkpoint.pth --format onnx --output student.onnx
 deit predict --checkpoint runs/student/checkpoint.pth shirt.png boot.jpg
+deit analyze --checkpoint runs/student/checkpoint.pth --teacher runs/teacher/checkpoint.pth --output-dir analysis
+deit plot runs/student runs/baseline --output curves.png
 deit verify-data --data-path data
 deit demo
 deit models [PATTERN]
@@ -19,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from deit.checkpoint import CheckpointError
+from deit.cli.analysis import add_analyze_parser, add_plot_parser
 from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
 from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
 from deit.config import ConfigError
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_eval_parser,
         add_export_parser,
         add_predict_parser,
+        add_analyze_parser,
+        add_plot_parser,
         add_demo_parser,
         add_verify_data_parser,
         add_models_parser,

@@ -1,0 +1,1 @@
+"""What the class and distillation tokens learned: agreement between predictors, token similarity, attention."""
