@@ -1,12 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   virtual environment + Fashion-MNIST + `deit demo`
-#   make test   virtual environment + Fashion-MNIST + the whole test suite
+#   make test   virtual environment + Fashion-MNIST + Chromium + the whole test suite
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# headless Chromium renders the HTML run report in a test
+CHROMIUM := /usr/bin/chromium
 # torch and torchvision are pinned to the pair that installs on our machines; other pairs may work for you
 TORCH := torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -16,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 demo: setup
 	$(BIN)/deit demo
 
-test: setup
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 setup: $(INSTALLED) data
@@ -32,6 +34,10 @@ data: $(FASHION_MNIST)
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check src tests benchmarks

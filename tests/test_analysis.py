@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -105,3 +110,60 @@ def test_analyze_writes_json_and_figures_for_a_student_and_its_baseline(tmp_path
     for name in ("agreement", "confusion", "token_cosine", "attention"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "agreement (%)" in capsys.readouterr().out
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+def write_run(folder: Path) -> Path:
+    folder.mkdir()
+    records = [
+        {"epoch": e, "train": {"loss": 1.0 / e, "lr": 1e-3}, "val": {"acc1": 50.0 + e, "acc5": 90.0}} for e in (1, 2)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "config.yaml").write_text("model:\n  name: <deit_pico>\n")
+    return folder
+
+
+def test_report_is_self_contained_and_escapes_text(tmp_path):
+    run = write_run(tmp_path / "run")
+    assert main(["report", str(run), "--output", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "&lt;deit_pico&gt;" in page  # the config is shown as text, not markup
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(source.startswith("data:image/png;base64,") for source in sources)
+    assert "http://" not in page and "https://" not in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+@needs_fashion_mnist
+def test_report_with_analysis_renders_in_headless_chromium(tmp_path):
+    run = write_run(tmp_path / "run")
+    checkpoint = tmp_path / "student.pth"
+    torch.manual_seed(0)
+    model = create_model("deit_pico_distilled_patch7_28", num_classes=10, in_chans=1)
+    spec = {"name": "deit_pico_distilled_patch7_28", "num_classes": 10, "in_chans": 1, "img_size": 28, "options": {}}
+    data = {"dataset": "fashion-mnist", "class_names": list(FASHION_MNIST_CLASSES), "input_size": 28,
+            "mean": [0.286], "std": [0.353]}  # fmt: skip
+    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "model_spec": spec, "data": data}, checkpoint)
+    assert (
+        main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(checkpoint),
+                "--output-dir",
+                str(tmp_path / "analysis"),
+                "--num-images",
+                "2",
+            ]
+        )
+        == 0
+    )
+    report = tmp_path / "report.html"
+    assert main(["report", str(run), "--analysis", str(tmp_path / "analysis"), "--output", str(report)]) == 0
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom"]
+    dom = subprocess.run([*command, report.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images="(\d+)/(\d+)"', dom)
+    assert loaded is not None, dom[:500]
+    assert loaded.group(1) == loaded.group(2) == "5"  # curves + agreement, cosine, attention, confusion

@@ -179,3 +179,13 @@ def test_hard_distillation_from_a_trained_cnn_teacher(tmp_path):
     assert record["train"]["loss"] == pytest.approx(
         0.5 * record["train"]["label_loss"] + 0.5 * record["train"]["distill_loss"], rel=1e-5
     )
+
+
+def test_tensorboard_logs_every_step_and_each_epochs_metrics(tmp_path):
+    accumulator_module = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    fit(tiny_config(None, **{"optim.epochs": 1, "run.tensorboard": str(tmp_path / "tb")}))
+    events = accumulator_module.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"step/loss", "step/lr", "train/loss", "val/acc1", "val/cls_acc1", "val/dist_acc1"} <= tags
+    assert [event.step for event in events.Scalars("step/loss")] == list(range(8))

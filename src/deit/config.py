@@ -90,6 +90,7 @@ class RunConfig:
     eval_teacher: bool = True  # also report the teacher's accuracy on the validation set
     progress: bool = True  # show a progress bar
     checkpoint_steps: int | None = None  # also write checkpoint.pth every this many optimizer steps
+    tensorboard: str | None = None  # also log every step and epoch to TensorBoard event files in this folder
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,15 @@ def _fit(config: TrainConfig, layout: Distributed, stop: StopRequest) -> TrainRe
     progress = resume(run, source) if source is not None else Progress()
     if source is not None:
         log.info("resumed from %s at epoch %d, step %d", source, progress.epoch, progress.epoch_step)
-    logs = RunLogs(out if layout.is_main else None)
+    logs = RunLogs(out, config.run.tensorboard) if layout.is_main else RunLogs(None)
+    try:
+        return _train(run, progress, logs, stop, started)
+    finally:
+        logs.close()
+
+
+def _train(run: Run, progress: Progress, logs: RunLogs, stop: StopRequest, started: float) -> TrainResult:
+    config, layout = run.config, run.layout
     logs.start(config, progress, first_step=progress.epoch * run.steps_per_epoch + progress.epoch_step)
     teacher_metrics = _evaluate_teacher(run)
     guard = RunGuard(run, progress, logs, stop)
@@ -97,7 +105,7 @@ def _fit(config: TrainConfig, layout: Distributed, stop: StopRequest) -> TrainRe
             raise RunInterrupted(stop.signal_number or 15, logs.checkpoint_name)
     final = progress.history[-1]["val"] if progress.history else {}
     return TrainResult(
-        out, final, progress.best_acc1, teacher_metrics, progress.history, time.perf_counter() - started, run.model
+        logs.out, final, progress.best_acc1, teacher_metrics, progress.history, time.perf_counter() - started, run.model
     )
 
 
@@ -207,9 +215,10 @@ def _end_epoch(run: Run, progress: Progress, record: dict[str, Any], logs: RunLo
 class RunLogs:
     """The files of a run's output directory; a no-op without one (and on every process but rank 0)."""
 
-    def __init__(self, out: Path | None) -> None:
+    def __init__(self, out: Path | None, tensorboard: str | None = None) -> None:
         self.out = out
         self.checkpoint_name = str(out / "checkpoint.pth") if out is not None else None
+        self.writer = _tensorboard_writer(tensorboard) if tensorboard else None
 
     def start(self, config: TrainConfig, progress: Progress, first_step: int) -> None:
         """Write the config, and cut the logs back to the checkpoint (a killed run may have logged further)."""
@@ -226,11 +235,23 @@ class RunLogs:
         if self.out is not None:
             with open(self.out / "steps.jsonl", "a") as steps:
                 steps.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            self.writer.add_scalar("step/loss", record["loss"], record["step"])
+            self.writer.add_scalar("step/lr", record["lr"], record["step"])
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.out is not None:
             with open(self.out / "metrics.jsonl", "a") as metrics:
                 metrics.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for section in ("train", "val", "val_ema"):
+                for key, value in record.get(section, {}).items():
+                    self.writer.add_scalar(f"{section}/{key}", value, record["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def checkpoint(self, run: Run, progress: Progress, best: bool = False) -> None:
         """Every process takes part (their epoch sums are gathered); rank 0 writes."""
@@ -247,6 +268,14 @@ class RunLogs:
     def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
         with atomic_path(path) as tmp:
             tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def _tensorboard_writer(log_dir: str) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise RunError("--tensorboard needs the tensorboard package: pip install 'deit[tensorboard]'") from error
+    return SummaryWriter(log_dir)
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -83,3 +83,31 @@ def run_plot(args: argparse.Namespace) -> int:
     path = figures.save(figures.curves_figure(runs), Path(args.output))
     print(f"wrote {path}")
     return 0
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="one self-contained HTML page of a run (and its analysis)",
+        description="Write an HTML report of a deit train run: final metrics of every head, training curves, "
+        "the config, and with --analysis the figures and tables of deit analyze. Pictures are embedded, so the "
+        "file reads offline.",
+    )
+    parser.add_argument("run", metavar="RUN_DIR")
+    parser.add_argument("--analysis", help="an output directory of deit analyze")
+    parser.add_argument("--output", required=True, help="HTML file to write")
+    parser.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from deit.analysis.report import build_report
+    from deit.checkpoint import atomic_path
+
+    if not (Path(args.run) / "metrics.jsonl").is_file():
+        raise DataError(f"{args.run} holds no metrics.jsonl: is it the --output-dir of a deit train run?")
+    if args.analysis and not (Path(args.analysis) / "analysis.json").is_file():
+        raise DataError(f"{args.analysis} holds no analysis.json: give an output directory of deit analyze")
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(build_report(args.run, args.analysis))
+    print(f"wrote {args.output}")
+    return 0

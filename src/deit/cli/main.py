@@ -6,6 +6,7 @@ deit export --checkpoint runs/student/checkpoint.pth --format onnx --output stud
 deit predict --checkpoint runs/student/checkpoint.pth shirt.png boot.jpg
 deit analyze --checkpoint runs/student/checkpoint.pth --teacher runs/teacher/checkpoint.pth --output-dir analysis
 deit plot runs/student runs/baseline --output curves.png
+deit report runs/student --analysis analysis --output report.html
 deit verify-data --data-path data
 deit demo
 deit models [PATTERN]
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from deit.checkpoint import CheckpointError
-from deit.cli.analysis import add_analyze_parser, add_plot_parser
+from deit.cli.analysis import add_analyze_parser, add_plot_parser, add_report_parser
 from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
 from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
 from deit.config import ConfigError
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_predict_parser,
         add_analyze_parser,
         add_plot_parser,
+        add_report_parser,
         add_demo_parser,
         add_verify_data_parser,
         add_models_parser,

@@ -91,6 +91,7 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
         "also write checkpoint.pth every this many optimizer steps (exact resume inside an epoch)",
     ),
     ("--seed", "run.seed", int, "random seed"),
+    ("--tensorboard", "run.tensorboard", str, "also log steps and epochs to TensorBoard in this folder"),
     ("--device", "run.device", str, "auto, cpu, cuda, cuda:N"),
     ("--amp", "run.amp", str, "autocast precision: none, bf16, fp16"),
 ]
