@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import needs_fashion_mnist, write_image
 from deit.data import DataError, build_data, canonical_dataset_name, load_datasets
+from deit.data.batched import BatchAugment
 from deit.data.datasets import FASHION_MNIST_CLASSES, ImageFileDataset, balanced_subset, load_image, read_idx
 
 # --- IDX files -----------------------------------------------------------------------------------
@@ -258,11 +259,11 @@ def test_build_data_fashion_mnist():
     assert len(data.train_loader.dataset) == 256
     assert len(data.train_loader) == 4
     assert len(data.val_loader.dataset) == 10000
-    batches = list(data.train_loader)
+    batches = list(data.train_loader)  # whole-batch augmentation: uint8 images and seeds, finished below
     assert len(batches) == 4
-    images = torch.cat([images for images, _ in batches])
-    labels = torch.cat([labels for _, labels in batches])
-    assert batches[0][0].shape == (64, 1, 28, 28) and batches[0][0].dtype == torch.float32
+    images = torch.cat([data.batch_transform(images, seeds) for images, _, seeds in batches])
+    labels = torch.cat([labels for _, labels, _ in batches])
+    assert images.shape == (256, 1, 28, 28) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
     assert sorted(Counter(labels.tolist()).values()) == [25] * 4 + [26] * 6  # the subset is class-balanced
     # normalised with the data set's statistics: black pixels map to -mean / std
@@ -317,3 +318,52 @@ def test_build_data_refuses_batch_larger_than_training_set(make_image_folder):
     root = make_image_folder(classes=("a", "b"), per_class={"train": 2, "val": 1})
     with pytest.raises(DataError, match="fewer than one global batch"):
         build_data("imagefolder", str(root), batch_size=8, seed=0, input_size=16)
+
+
+# --- whole-batch augmentation ---------------------------------------------------------------------
+
+
+def test_batch_augment_is_a_padded_crop_and_flip_of_each_image():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    seeds = torch.randint(0, 2**62, (64,))
+    augment = BatchAugment(mean=(0.5,), std=(0.25,), padding=2, hflip=0.5)
+    out = augment(images, seeds)
+    padded = torch.nn.functional.pad(images.float() / 255, (2, 2, 2, 2))
+    flips, offsets = 0, set()
+    for b in range(64):
+        found = [
+            (dy, dx, flip)
+            for dy in range(5)
+            for dx in range(5)
+            for flip in (False, True)
+            if torch.allclose(
+                (padded[b, :, dy : dy + 8, dx : dx + 8].flip(-1) if flip else padded[b, :, dy : dy + 8, dx : dx + 8])
+                .sub(0.5)
+                .div(0.25),
+                out[b],
+            )
+        ]
+        assert found, f"image {b} is not a crop of its padded original"
+        flips += found[0][2]
+        offsets.add(found[0][:2])
+    assert 16 < flips < 48 and len(offsets) > 12  # both flips and many offsets occur
+
+
+def test_batch_augment_depends_on_each_images_seed_only():
+    images = torch.randint(0, 256, (10, 3, 12, 12), dtype=torch.uint8)
+    seeds = torch.arange(10) * 7919 + 13
+    augment = BatchAugment(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), padding=3)
+    whole = augment(images, seeds)
+    assert torch.equal(augment(images[3:7], seeds[3:7]), whole[3:7])  # another batch around it: same result
+    assert not torch.equal(augment(images, seeds + 1), whole)
+
+
+@needs_fashion_mnist
+def test_in_memory_data_uses_whole_batch_augmentation_unless_the_recipe_needs_images():
+    data = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320)
+    images, labels, seeds = next(iter(data.train_loader))
+    assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28) and seeds.shape == (32,)
+    assert data.batch_transform(images, seeds).shape == (32, 1, 28, 28)
+    per_image = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320, random_erasing=0.25)
+    assert per_image.batch_transform is None and next(iter(per_image.train_loader))[0].dtype == torch.float32

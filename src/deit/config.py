@@ -49,6 +49,8 @@ class AugmentConfig:
     mix_prob: float = 1.0  # probability of mixing a batch at all
     mix_switch_prob: float = 0.5  # with both on: probability of CutMix rather than Mixup
     repeated_aug: int = 1  # copies of each sampled image per epoch, each augmented anew; paper: 3
+    batched: bool = True  # in-memory data (Fashion-MNIST, CIFAR) without RandAugment / erasing: crop and flip whole
+    #                       batches on the device instead of image by image (same distribution, other draws)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class DistillConfig:
     teacher_model: str | None = None  # timm name, or the architecture of a teacher_path from elsewhere
     teacher_path: str | None = None  # a `deit train` checkpoint, an official {'model': ...} file, a state dict
     teacher_pretrained: bool = False  # download timm's weights for teacher_model (needs the internet)
+    teacher_cache_views: int | None = None  # reuse the teacher's logits on this many fixed views per image
+    teacher_channels_last: bool = False  # run a CNN teacher in channels-last memory format (faster on CPU)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class RunConfig:
     progress: bool = True  # show a progress bar
     checkpoint_steps: int | None = None  # also write checkpoint.pth every this many optimizer steps
     tensorboard: str | None = None  # also log every step and epoch to TensorBoard event files in this folder
+    compile: str | None = None  # torch.compile the student and the teacher with this backend (inductor)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, fuse_heads
 from deit.optim import set_lr
 from deit.rng import seed_step
+from deit.teacher_cache import TeacherCache
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -125,6 +126,7 @@ def train_one_epoch(
     guard: StepGuard | None = None,
     seed: int | None = None,
     rank: int = 0,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train over ``loader`` for ``steps`` optimizer steps (default: all whole ones); returns this process's means.
 
@@ -134,6 +136,8 @@ def train_one_epoch(
     generators it draws from (Mixup, stochastic depth) from (seed, step,
     micro-batch, rank), which makes a run resumed at any step exact. ``meter``
     carries the epoch's sums in and out (a resumed epoch passes the saved one).
+    With ``batch_transform``, the loader yields (uint8 images, labels, seeds) and
+    the transform augments the batch on the device (see ``data.batched``).
     """
     model.train()
     meter = meter if meter is not None else EpochMeter()
@@ -147,10 +151,13 @@ def train_one_epoch(
     step_loss = 0.0
     for offset in range(steps * accum_steps):
         step, micro = first_step + offset // accum_steps, offset % accum_steps
-        images, targets = (tensor.to(device, non_blocking=True) for tensor in next(batches))
+        images, targets, *keys = (tensor.to(device, non_blocking=True) for tensor in next(batches))
+        if batch_transform is not None:  # the batch is uint8, with each image's seed and data-set index
+            images = batch_transform(images, keys[0])
         if seed is not None:
             seed_step(seed, step, micro, rank)
-        losses = _forward(model, criterion, images, targets, teacher=teacher, mixup=mixup, precision=precision)
+        indices = keys[1] if len(keys) > 1 else None
+        losses = _forward(model, criterion, images, targets, indices, teacher=teacher, mixup=mixup, precision=precision)
         step_loss += guard.agree(losses["loss"], step) / accum_steps
         last_micro = micro == accum_steps - 1
         with _maybe_no_sync(model, last_micro):  # DDP: all-reduce gradients once per optimizer step
@@ -182,6 +189,7 @@ def _forward(
     criterion: DistillationLoss,
     images: torch.Tensor,
     targets: torch.Tensor,
+    indices: torch.Tensor | None,
     *,
     teacher: nn.Module | None,
     mixup: Callable | None,
@@ -193,15 +201,20 @@ def _forward(
     with precision.autocast():
         outputs = model(images)
         # the teacher sees exactly the batch the student saw, augmentations and mixing included
-        teacher_logits = teacher(images) if criterion.needs_teacher else None
+        teacher_logits = None
+        if criterion.needs_teacher:
+            teacher_logits = teacher(images, indices) if isinstance(teacher, TeacherCache) else teacher(images)
     return criterion.components(outputs, targets, teacher_logits)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, under torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    model = getattr(model, "_orig_mod", model)
     if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()

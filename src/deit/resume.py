@@ -18,6 +18,7 @@ from deit.config import TrainConfig, config_to_dict
 from deit.engine import EpochMeter
 from deit.models import load_weights
 from deit.run import Progress, Run, RunError
+from deit.teacher_cache import TeacherCache
 
 log = logging.getLogger("deit")
 
@@ -70,6 +71,9 @@ def resume(run: Run, path: Path | str) -> Progress:
         run.ema.load_state_dict(state["model_ema"] if state.get("model_ema") else state["model"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
+    if isinstance(run.teacher, TeacherCache) and state.get("teacher_cache"):
+        run.teacher.logits.copy_(state["teacher_cache"]["logits"])
+        run.teacher.filled.copy_(state["teacher_cache"]["filled"])
     return Progress(
         epoch=int(state["epoch"]),
         epoch_step=int(state.get("epoch_step", 0)),

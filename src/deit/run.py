@@ -26,6 +26,7 @@ from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
 from deit.rng import seed_everything
+from deit.teacher_cache import TeacherCache
 from deit.teachers import InputSpec, Teacher, build_teacher
 
 log = logging.getLogger("deit")
@@ -119,7 +120,7 @@ class Run:
     spec: dict[str, Any]
     model: nn.Module  # the model itself: checkpoints, EMA and evaluation use it
     train_model: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
-    teacher: Teacher | None
+    teacher: Teacher | TeacherCache | None
     criterion: DistillationLoss
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosine
@@ -161,7 +162,28 @@ class Run:
             "best_acc1": progress.best_acc1,
             "history": progress.history,
             "config": config_to_dict(self.config),
+            "teacher_cache": self.teacher_cache_state(),
         }
+
+    def teacher_cache_state(self) -> dict[str, torch.Tensor] | None:
+        if not isinstance(self.teacher, TeacherCache):
+            return None
+        return {"logits": self.teacher.logits.cpu(), "filled": self.teacher.filled.cpu()}
+
+
+def _cached(teacher: Teacher, config: TrainConfig, data: DataBundle) -> TeacherCache:
+    """The teacher behind a cache of its logits per (image, view); see deit.teacher_cache for when it applies."""
+    problems = []
+    if data.batch_transform is None:
+        problems.append("in-memory data with the plain recipe (no RandAugment / Random Erasing, native size)")
+    if config.augment.mixup > 0 or config.augment.cutmix > 0:
+        problems.append("no Mixup / CutMix (the teacher must see the mixed image)")
+    if config.augment.repeated_aug > 1:
+        problems.append("no repeated augmentation (its copies would be the same view)")
+    if problems:
+        raise RunError(f"--teacher-cache-views needs {'; '.join(problems)}; or use the online teacher")
+    num_images = len(data.train_loader.dataset)
+    return TeacherCache(teacher, num_images, config.distill.teacher_cache_views, data.info.num_classes)
 
 
 def _build_student(spec: dict[str, Any], finetune: str | None) -> nn.Module:
@@ -218,10 +240,18 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
         num_replicas=layout.world_size,
         rank=layout.rank,
         bad_files=config.data.bad_files,
+        batched=config.augment.batched,
+        views=config.distill.teacher_cache_views,
     )
     spec = model_spec(config.model, data.info, data.input_size)
     model = _build_student(spec, config.model.finetune).to(device)
     teacher = _build_teacher(config, data)
+    if teacher is not None and config.distill.teacher_channels_last:
+        teacher.channels_last()
+    if teacher is not None and config.run.compile:
+        teacher.model = torch.compile(teacher.model, backend=config.run.compile)
+    if teacher is not None and config.distill.teacher_cache_views:
+        teacher = _cached(teacher, config, data)
     criterion = DistillationLoss(
         config.distill.type,
         alpha=config.distill.alpha,
@@ -240,6 +270,8 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     if layout.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if config.run.compile:
+        train_model = torch.compile(train_model, backend=config.run.compile)
     return Run(
         config=config,
         layout=layout,

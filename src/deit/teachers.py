@@ -58,6 +58,7 @@ class Teacher(nn.Module):
                 f"{student_input.in_chans}-channel ones; only 1 <-> 3 channels can be converted"
             )
         self.needs_conversion = student_input != teacher_input
+        self.memory_format = torch.contiguous_format
         self.register_buffer("student_mean", _channel_vector(student_input.mean), persistent=False)
         self.register_buffer("student_std", _channel_vector(student_input.std), persistent=False)
         self.register_buffer("teacher_mean", _channel_vector(teacher_input.mean), persistent=False)
@@ -80,9 +81,15 @@ class Teacher(nn.Module):
             pixels = (pixels * self.luma).sum(dim=1, keepdim=True)
         return (pixels - self.teacher_mean) / self.teacher_std
 
+    def channels_last(self) -> Teacher:
+        """Keep a CNN teacher's weights and inputs in channels-last format, which oneDNN and cuDNN run faster."""
+        self.model.to(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last
+        return self
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.to_teacher_input(x))
+        return self.model(self.to_teacher_input(x).contiguous(memory_format=self.memory_format))
 
 
 def _channel_vector(values: Sequence[float]) -> torch.Tensor:

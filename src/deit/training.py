@@ -29,6 +29,7 @@ from deit.engine import EpochMeter, NonFiniteLossError, StepGuard, evaluate, tra
 from deit.interrupts import RunInterrupted, StopRequest, stop_on_signals
 from deit.resume import resume, resume_source
 from deit.run import Progress, Run, RunError, build_run, model_options, resolve_device
+from deit.teacher_cache import TeacherCache
 
 __all__ = ["RunError", "RunInterrupted", "TrainResult", "fit", "model_options", "resolve_device"]
 
@@ -159,6 +160,8 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, guard: RunGuard) -> d
     started = time.perf_counter()
     accum = config.optim.accum_steps
     run.data.train_sampler.set_epoch(epoch, start=progress.epoch_step * accum * config.optim.batch_size)
+    if isinstance(run.teacher, TeacherCache):
+        run.teacher.set_epoch(epoch)
     metrics = train_one_epoch(
         run.train_model,
         run.criterion,
@@ -181,6 +184,7 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, guard: RunGuard) -> d
         guard=guard,
         seed=config.run.seed,
         rank=run.layout.rank,
+        batch_transform=run.data.batch_transform,
     )
     if guard.stopped:
         return None

@@ -82,6 +82,12 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
         "teacher architecture (timm name) for a --teacher-path from elsewhere",
     ),
     ("--teacher-path", "distill.teacher_path", str, "teacher weights: a `deit train` checkpoint or an official .pth"),
+    (
+        "--teacher-cache-views",
+        "distill.teacher_cache_views",
+        int,
+        "keep the teacher's logits for this many fixed augmented views per image and reuse them (in-memory data)",
+    ),
     ("--output-dir", "run.output_dir", str, "where checkpoints and logs go"),
     ("--resume", "run.resume", str, "checkpoint to continue from, or 'auto' for the output dir's latest"),
     (
@@ -99,6 +105,8 @@ TRAIN_SWITCHES = [
     ("--teacher-pretrained", "distill.teacher_pretrained", True, "download timm's weights for --teacher-model"),
     ("--download", "data.download", True, "download Fashion-MNIST / CIFAR if missing"),
     ("--no-progress", "run.progress", False, "no progress bar"),
+    ("--compile", "run.compile", "inductor", "torch.compile the student and the teacher (inductor backend)"),
+    ("--teacher-channels-last", "distill.teacher_channels_last", True, "run a CNN teacher in channels-last format"),
     ("--no-eval-teacher", "run.eval_teacher", False, "skip the teacher's own evaluation"),
 ]
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from deit.data.batched import BatchAugment, InMemoryBatches, whole_batch
 from deit.data.datasets import (
     DATASET_ALIASES,
     DataError,
     DatasetInfo,
+    TensorImageDataset,
     balanced_subset,
     canonical_dataset_name,
     load_datasets,
@@ -36,6 +39,8 @@ class DataBundle:
     val_loader: DataLoader  # this process's share of the validation set: each image on exactly one process
     info: DatasetInfo
     input_size: int
+    # with whole-batch augmentation, the train loader yields (uint8 images, labels, seeds) for this to finish
+    batch_transform: BatchAugment | None = None
 
 
 def build_data(
@@ -58,6 +63,8 @@ def build_data(
     num_replicas: int = 1,
     rank: int = 0,
     bad_files: str = "error",
+    batched: bool = True,
+    views: int | None = None,
 ) -> DataBundle:
     """Data sets with their transforms, in loaders for process ``rank`` of ``num_replicas``."""
     train_set, val_set, info = load_datasets(
@@ -74,13 +81,26 @@ def build_data(
         raise DataError(
             f"the training set has {len(train_set)} images, fewer than one global batch of {batch_size * num_replicas}"
         )
-    sampler = EpochSampler(len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed)
-    train_loader = _loader(
-        SeededSamples(train_set), batch_size, sampler, workers=num_workers, pin=pin_memory, train=True
+    sampler = EpochSampler(
+        len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed, views=views
     )
+    batch_transform = None
+    if batched and _can_batch(train_set, size, info, rand_augment, random_erasing):
+        # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
+        images, labels = _in_memory(train_set)
+        batch_transform = BatchAugment(info.mean, info.std, padding=max(1, size // 8), hflip=hflip)
+        train_loader = DataLoader(
+            InMemoryBatches(images, labels), batch_size=batch_size, sampler=sampler, drop_last=True,
+            collate_fn=whole_batch, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+        )  # fmt: skip
+    else:
+        train_loader = _loader(
+            SeededSamples(train_set), batch_size, sampler, workers=num_workers, pin=pin_memory, train=True
+        )
     val_sampler = ShardSampler(len(val_set), num_replicas=num_replicas, rank=rank)
     val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, val_sampler, workers=num_workers, pin=pin_memory)
-    return DataBundle(train_loader, sampler, val_loader, info, size)
+    return DataBundle(train_loader, sampler, val_loader, info, size, batch_transform)
 
 
 def build_eval_data(
@@ -98,6 +118,19 @@ def build_eval_data(
     val_set.transform = eval_transform(**_transform_stats(info, _input_size(info, input_size)))
     sampler = ShardSampler(len(val_set))
     return _loader(val_set, batch_size, sampler, workers=num_workers, pin=pin_memory), info
+
+
+def _can_batch(dataset: Dataset, size: int, info: DatasetInfo, rand_augment: str | None, erasing: float) -> bool:
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    plain_recipe = rand_augment is None and erasing == 0  # RandAugment and Random Erasing work per image
+    return isinstance(base, TensorImageDataset) and plain_recipe and size == info.native_size
+
+
+def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(dataset, Subset):
+        indices = torch.as_tensor(dataset.indices)
+        return dataset.dataset.images[indices], dataset.dataset.labels[indices]
+    return dataset.images, dataset.labels
 
 
 def _input_size(info: DatasetInfo, input_size: int | None) -> int:

@@ -40,6 +40,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
+        views: int | None = None,
     ) -> None:
         if repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -53,6 +54,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
+        self.views = views  # fixed augmented views per image, cycled over epochs (the teacher cache's)
         self.epoch = 0
         self.start = 0
         # the whole epoch, all processes together: the data set's length, cut to whole groups of copies
@@ -69,6 +71,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
         order = torch.randperm(self.dataset_size, generator=generator)
         seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)  # one per position
         repeated = order.repeat_interleave(self.repeats)[: self.total_size]  # a a a b b b ...
+        if self.views:  # one seed per (image, view) instead: epoch e shows view e mod views of each image
+            view_generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch % self.views, 1))
+            seeds = torch.randint(0, 2**62, (self.dataset_size,), generator=view_generator)[repeated]
         mine = slice(self.rank + self.start * self.num_replicas, None, self.num_replicas)
         return zip(repeated[mine].tolist(), seeds[mine].tolist(), strict=True)
 
