@@ -261,8 +261,8 @@ def test_build_data_fashion_mnist():
     assert len(data.val_loader.dataset) == 10000
     batches = list(data.train_loader)  # whole-batch augmentation: uint8 images and seeds, finished below
     assert len(batches) == 4
-    images = torch.cat([data.batch_transform(images, seeds) for images, _, seeds in batches])
-    labels = torch.cat([labels for _, labels, _ in batches])
+    images = torch.cat([data.batch_transform(images, seeds) for images, _, seeds, _ in batches])
+    labels = torch.cat([labels for _, labels, _, _ in batches])
     assert images.shape == (256, 1, 28, 28) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
     assert sorted(Counter(labels.tolist()).values()) == [25] * 4 + [26] * 6  # the subset is class-balanced
@@ -362,8 +362,9 @@ def test_batch_augment_depends_on_each_images_seed_only():
 @needs_fashion_mnist
 def test_in_memory_data_uses_whole_batch_augmentation_unless_the_recipe_needs_images():
     data = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320)
-    images, labels, seeds = next(iter(data.train_loader))
-    assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28) and seeds.shape == (32,)
+    images, labels, seeds, indices = next(iter(data.train_loader))
+    assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28) and seeds.shape == indices.shape == (32,)
+    assert torch.equal(data.train_loader.dataset.labels[indices], labels)
     assert data.batch_transform(images, seeds).shape == (32, 1, 28, 28)
     per_image = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320, random_erasing=0.25)
     assert per_image.batch_transform is None and next(iter(per_image.train_loader))[0].dtype == torch.float32

@@ -8,6 +8,7 @@ deit analyze --checkpoint runs/student/checkpoint.pth --teacher runs/teacher/che
 deit plot runs/student runs/baseline --output curves.png
 deit report runs/student --analysis analysis --output report.html
 deit verify-data --data-path data
+deit benchmark --model deit_tiny_distilled_patch16_224 resnet18 --batch-size 64 --dtype fp32 bf16
 deit demo
 deit models [PATTERN]
 torchrun --nproc_per_node 2 -m deit train ...   (each process runs this same command line)
@@ -21,8 +22,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from deit.benchmark import BenchmarkError
 from deit.checkpoint import CheckpointError
 from deit.cli.analysis import add_analyze_parser, add_plot_parser, add_report_parser
+from deit.cli.bench import add_benchmark_parser
 from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
 from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
 from deit.config import ConfigError
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_analyze_parser,
         add_plot_parser,
         add_report_parser,
+        add_benchmark_parser,
         add_demo_parser,
         add_verify_data_parser,
         add_models_parser,
@@ -63,6 +67,7 @@ USER_ERRORS = (
     DataError,
     CheckpointError,
     ExportError,
+    BenchmarkError,
     TeacherMismatchError,
     RunError,
     FileNotFoundError,

@@ -1,0 +1,184 @@
+"""``deit benchmark``: images per second and peak memory of a model, as the paper's model table reports them.
+
+The protocol follows the paper's: a fixed batch (or the largest power of two
+that fits), a few warm-up iterations, then timed iterations, synchronised on
+GPU; the median of several timed repeats is reported. Inference runs in eval
+mode under ``torch.inference_mode``; a training step is forward, backward and
+an AdamW step (for a distilled DeiT, both heads' losses); with a teacher, the
+step also runs the frozen teacher, and its share of the step is reported.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deit.engine import Precision
+from deit.models import create_model
+from deit.run import resolve_device
+
+DTYPES = ("fp32", "bf16", "fp16")
+CPU_AUTO_BATCH_LIMIT = 256  # on CPU nothing runs out of memory first: "auto" stops here
+
+
+class BenchmarkError(ValueError):
+    """A benchmark that cannot run as asked, with the reason."""
+
+
+@dataclass(frozen=True)
+class Throughput:
+    model: str
+    params_m: float  # parameters, millions
+    resolution: int
+    batch: int
+    dtype: str
+    compiled: bool
+    mode: str  # "inference", "train" or "train + teacher NAME"
+    images_per_sec: float
+    peak_memory_mb: float  # GPU: peak allocated by torch; CPU: the process's peak resident memory so far
+    teacher_share: float | None = None  # fraction of a distillation step spent in the teacher
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _precision(dtype: str, device: torch.device) -> Precision:
+    if dtype not in DTYPES:
+        raise BenchmarkError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
+    if dtype == "fp16" and device.type == "cpu":
+        raise BenchmarkError("fp16 autocast is not a fast path on CPU (no fp16 matmul units): use bf16 or fp32")
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BenchmarkError(f"{torch.cuda.get_device_name(device)} has no bf16 support: use fp16 or fp32")
+    return Precision.resolve({"fp32": "none"}.get(dtype, dtype), device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run: Callable[[], None], device: torch.device, warmup: int, iters: int, repeats: int) -> float:
+    """Median seconds per call over ``repeats`` timings of ``iters`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        run()
+    timings = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            run()
+        _synchronize(device)
+        timings.append((time.perf_counter() - start) / iters)
+    return statistics.median(timings)
+
+
+def _train_step(model: nn.Module, teacher: nn.Module | None, precision: Precision, images, labels) -> Callable:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with precision.autocast():
+            outputs = model(images)
+            if teacher is not None:
+                with torch.no_grad():
+                    targets = teacher(images).argmax(dim=-1)  # hard distillation, the paper's best
+            else:
+                targets = labels
+        heads = outputs if isinstance(outputs, tuple) else (outputs,)
+        loss = F.cross_entropy(heads[0].float(), labels)
+        if len(heads) > 1 or teacher is not None:
+            loss = 0.5 * loss + 0.5 * F.cross_entropy(heads[-1].float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure_throughput(
+    name: str,
+    *,
+    batch_size: int,
+    input_size: int,
+    in_chans: int = 3,
+    num_classes: int = 1000,
+    dtype: str = "fp32",
+    compile: bool = False,
+    train: bool = False,
+    teacher: str | None = None,
+    device: str = "auto",
+    warmup: int = 3,
+    iters: int = 10,
+    repeats: int = 3,
+) -> Throughput:
+    """Throughput of ``name`` (any deit or timm model) on random images of ``batch_size`` x ``input_size``²."""
+    torch_device = resolve_device(device)
+    precision = _precision(dtype, torch_device)
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=input_size).to(torch_device)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    teacher_model = None
+    if teacher is not None:
+        teacher_model = create_model(teacher, num_classes=num_classes, in_chans=in_chans, img_size=input_size)
+        teacher_model = teacher_model.to(torch_device).eval().requires_grad_(False)
+    runnable = torch.compile(model) if compile else model
+    images = torch.randn(batch_size, in_chans, input_size, input_size, device=torch_device)
+    labels = torch.randint(0, num_classes, (batch_size,), device=torch_device)
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    if not train:
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), precision.autocast():
+                runnable(images)
+
+        seconds, mode, share = _timed(infer, torch_device, warmup, iters, repeats), "inference", None
+    else:
+        model.train()
+        seconds = _timed(_train_step(runnable, None, precision, images, labels), torch_device, warmup, iters, repeats)
+        mode, share = "train", None
+        if teacher_model is not None:
+            alone = seconds
+            step = _train_step(runnable, teacher_model, precision, images, labels)
+            seconds = _timed(step, torch_device, warmup, iters, repeats)
+            mode, share = f"train + teacher {teacher}", max(0.0, 1 - alone / seconds)
+    return Throughput(
+        name,
+        params,
+        input_size,
+        batch_size,
+        dtype,
+        compile,
+        mode,
+        batch_size / seconds,
+        _peak_memory_mb(torch_device),
+        share,
+    )
+
+
+def largest_batch(measure: Callable[[int], Throughput], device: torch.device, limit: int = 1024) -> Throughput:
+    """Double the batch until it no longer fits (GPU) or reaches the CPU limit; the last result that ran."""
+    limit = CPU_AUTO_BATCH_LIMIT if device.type == "cpu" else limit
+    batch, best = 1, None
+    while batch <= limit:
+        try:
+            best = measure(batch)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        batch *= 2
+    if best is None:
+        raise BenchmarkError("not even a batch of 1 fits in memory")
+    return best
