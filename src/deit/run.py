@@ -216,13 +216,8 @@ def _build_mixup(config: TrainConfig, num_classes: int) -> Callable | None:
     return mixup
 
 
-def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
-    """Data, model, teacher, loss and optimizer for ``config``; the teacher is checked here, before any step."""
-    layout = layout or Distributed()
-    device = resolve_device(config.run.device, layout)
-    precision = Precision.resolve(config.run.amp, device)
-    seed_everything(config.run.seed)  # the same initial weights on every process
-    data = build_data(
+def _build_data(config: TrainConfig, layout: Distributed, device: torch.device) -> DataBundle:
+    return build_data(
         config.data.dataset,
         config.data.path,
         batch_size=config.optim.batch_size,
@@ -243,6 +238,15 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
         batched=config.augment.batched,
         views=config.distill.teacher_cache_views,
     )
+
+
+def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
+    """Data, model, teacher, loss and optimizer for ``config``; the teacher is checked here, before any step."""
+    layout = layout or Distributed()
+    device = resolve_device(config.run.device, layout)
+    precision = Precision.resolve(config.run.amp, device)
+    seed_everything(config.run.seed)  # the same initial weights on every process
+    data = _build_data(config, layout, device)
     spec = model_spec(config.model, data.info, data.input_size)
     model = _build_student(spec, config.model.finetune).to(device)
     teacher = _build_teacher(config, data)
