@@ -290,7 +290,7 @@ def test_build_data_image_folder(make_image_folder):
     assert data.input_size == 32
     assert len(data.train_loader) == 3  # 12 images, drop_last
     for loader, batch in ((data.train_loader, 4), (data.val_loader, 8)):
-        images, labels = next(iter(loader))
+        images, labels, *_ = next(iter(loader))  # training batches also carry each image's index
         assert images.shape == (batch, 3, 32, 32) and images.dtype == torch.float32
         assert set(labels.tolist()) <= {0, 1, 2}
         low = min((0 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True))

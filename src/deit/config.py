@@ -35,6 +35,9 @@ class DataConfig:
     train_subset: int | None = None  # train on a seeded, class-balanced subset of this many images
     num_workers: int = 0  # loader worker processes; 0 decodes in the training process
     bad_files: str = "error"  # image folders: error (name the unreadable file) | skip (leave it out, warn)
+    label_fraction: float | None = None  # keep a seeded, stratified share of the training labels; the rest unlabelled
+    unlabeled_path: str | None = None  # a folder of images added to training without labels (subfolders ignored)
+    unlabeled_ratio: float | None = None  # unlabelled share of each batch; None: their share of the pool
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class DistillConfig:
     teacher_pretrained: bool = False  # download timm's weights for teacher_model (needs the internet)
     teacher_cache_views: int | None = None  # reuse the teacher's logits on this many fixed views per image
     teacher_channels_last: bool = False  # run a CNN teacher in channels-last memory format (faster on CPU)
+    pseudo_labels: str | None = None  # a `deit pseudo-label` file: stored predictions replace the online teacher
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, fuse_heads
 from deit.optim import set_lr
 from deit.rng import seed_step
-from deit.teacher_cache import TeacherCache
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,8 +135,9 @@ def train_one_epoch(
     generators it draws from (Mixup, stochastic depth) from (seed, step,
     micro-batch, rank), which makes a run resumed at any step exact. ``meter``
     carries the epoch's sums in and out (a resumed epoch passes the saved one).
-    With ``batch_transform``, the loader yields (uint8 images, labels, seeds) and
-    the transform augments the batch on the device (see ``data.batched``).
+    The loader yields (images, labels, ..., indices); with ``batch_transform``,
+    (uint8 images, labels, seeds, indices), and the transform augments the
+    batch on the device (see ``data.batched``).
     """
     model.train()
     meter = meter if meter is not None else EpochMeter()
@@ -156,7 +156,7 @@ def train_one_epoch(
             images = batch_transform(images, keys[0])
         if seed is not None:
             seed_step(seed, step, micro, rank)
-        indices = keys[1] if len(keys) > 1 else None
+        indices = keys[-1] if keys else None  # each image's index in the data set
         losses = _forward(model, criterion, images, targets, indices, teacher=teacher, mixup=mixup, precision=precision)
         step_loss += guard.agree(losses["loss"], step) / accum_steps
         last_micro = micro == accum_steps - 1
@@ -203,7 +203,8 @@ def _forward(
         # the teacher sees exactly the batch the student saw, augmentations and mixing included
         teacher_logits = None
         if criterion.needs_teacher:
-            teacher_logits = teacher(images, indices) if isinstance(teacher, TeacherCache) else teacher(images)
+            indexed = getattr(teacher, "indexed", False)  # a cache or stored pseudo-labels: looked up by index
+            teacher_logits = teacher(images, indices) if indexed else teacher(images)
     return criterion.components(outputs, targets, teacher_logits)
 
 

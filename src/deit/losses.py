@@ -13,6 +13,10 @@ distillation head from the teacher:
            distillation head is never left untrained and then fused into the prediction.
 
 A student without a distillation token gets both terms on its single head.
+
+Unlabelled images (label -1, see ``deit.data.unlabeled``) have no label term:
+the class head learns from the labelled images of the batch only, the
+distillation head from the teacher on every image.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deit.data.unlabeled import UNLABELED
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
 # How the summed KL divergence of soft distillation is divided:
@@ -39,12 +45,13 @@ def soft_target_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) 
 def label_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy for class indices (B,) with label smoothing, or for soft targets (B, C) as given.
 
-    Soft targets from Mixup / CutMix already carry their label smoothing.
+    Soft targets from Mixup / CutMix already carry their label smoothing. Class
+    index -1 marks an unlabelled image: it is left out of the mean.
     """
     logits = logits.float()
     if target.ndim == 2:
         return soft_target_cross_entropy(logits, target)
-    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing, ignore_index=UNLABELED)
 
 
 def soft_distillation_loss(

@@ -17,7 +17,7 @@ from torch import nn
 
 from deit.checkpoint import FORMAT, FORMAT_VERSION
 from deit.config import ModelConfig, TrainConfig, config_to_dict
-from deit.data import DataBundle, DatasetInfo, build_data
+from deit.data import DataBundle, DatasetInfo, Unlabeled, build_data
 from deit.data.augment import build_mixup
 from deit.distributed import Distributed
 from deit.ema import ModelEma
@@ -25,6 +25,7 @@ from deit.engine import EpochMeter, Precision
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
+from deit.pseudo_labels import PseudoLabels, PseudoLabelTeacher
 from deit.rng import seed_everything
 from deit.teacher_cache import TeacherCache
 from deit.teachers import InputSpec, Teacher, build_teacher
@@ -68,8 +69,12 @@ def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> dict[
     }
 
 
-def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | None:
+def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | PseudoLabelTeacher | None:
     distill = config.distill
+    if distill.pseudo_labels:
+        labels = PseudoLabels.load(distill.pseudo_labels)
+        labels.check(data.info.class_names)
+        return PseudoLabelTeacher(labels)
     if distill.type == "none" and not (distill.teacher_path or distill.teacher_pretrained):
         return None
     return build_teacher(
@@ -120,7 +125,7 @@ class Run:
     spec: dict[str, Any]
     model: nn.Module  # the model itself: checkpoints, EMA and evaluation use it
     train_model: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
-    teacher: Teacher | TeacherCache | None
+    teacher: Teacher | TeacherCache | PseudoLabelTeacher | None
     criterion: DistillationLoss
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosine
@@ -216,6 +221,26 @@ def _build_mixup(config: TrainConfig, num_classes: int) -> Callable | None:
     return mixup
 
 
+def _unlabeled(config: TrainConfig) -> Unlabeled | None:
+    """Where the run's unlabelled images come from; without a teacher, it trains on the labelled ones only."""
+    data, distill = config.data, config.distill
+    if data.label_fraction is None and data.unlabeled_path is None and distill.pseudo_labels is None:
+        return None
+    if distill.pseudo_labels and distill.type == "none":
+        raise RunError("--pseudo-labels replace the teacher: give --distillation-type soft or hard")
+    ratio = data.unlabeled_ratio
+    if distill.type == "none":
+        log.info("no teacher: training on the labelled images only (an epoch still spans the whole pool)")
+        ratio = 0.0
+    elif config.augment.mixup > 0 or config.augment.cutmix > 0:
+        raise RunError("Mixup / CutMix would mix labels with unlabelled images: set --mixup 0 --cutmix 0")
+    selection = pool_size = None
+    if distill.pseudo_labels:
+        labels = PseudoLabels.load(distill.pseudo_labels)
+        selection, pool_size = labels.selection, len(labels.probs)
+    return Unlabeled(data.label_fraction, data.unlabeled_path, ratio, selection, pool_size)
+
+
 def _build_data(config: TrainConfig, layout: Distributed, device: torch.device) -> DataBundle:
     return build_data(
         config.data.dataset,
@@ -237,6 +262,7 @@ def _build_data(config: TrainConfig, layout: Distributed, device: torch.device) 
         bad_files=config.data.bad_files,
         batched=config.augment.batched,
         views=config.distill.teacher_cache_views,
+        unlabeled=_unlabeled(config),
     )
 
 
@@ -250,12 +276,13 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     spec = model_spec(config.model, data.info, data.input_size)
     model = _build_student(spec, config.model.finetune).to(device)
     teacher = _build_teacher(config, data)
-    if teacher is not None and config.distill.teacher_channels_last:
-        teacher.channels_last()
-    if teacher is not None and config.run.compile:
-        teacher.model = torch.compile(teacher.model, backend=config.run.compile)
-    if teacher is not None and config.distill.teacher_cache_views:
-        teacher = _cached(teacher, config, data)
+    if isinstance(teacher, Teacher):  # a network (stored pseudo-labels need none of this)
+        if config.distill.teacher_channels_last:
+            teacher.channels_last()
+        if config.run.compile:
+            teacher.model = torch.compile(teacher.model, backend=config.run.compile)
+        if config.distill.teacher_cache_views:
+            teacher = _cached(teacher, config, data)
     criterion = DistillationLoss(
         config.distill.type,
         alpha=config.distill.alpha,

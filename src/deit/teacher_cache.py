@@ -31,6 +31,8 @@ MAX_CACHE_BYTES = 4 * 2**30
 class TeacherCache(nn.Module):
     """Logits of ``teacher`` on each (image, view), computed on first use."""
 
+    indexed = True  # the training step passes each image's index in the data set
+
     def __init__(self, teacher: nn.Module, num_images: int, views: int, num_classes: int) -> None:
         super().__init__()
         size = num_images * views * num_classes * 4

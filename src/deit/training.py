@@ -27,6 +27,7 @@ from deit.config import TrainConfig, save_config
 from deit.distributed import Distributed, destroy_process_group, from_environment, init_process_group
 from deit.engine import EpochMeter, NonFiniteLossError, StepGuard, evaluate, train_one_epoch
 from deit.interrupts import RunInterrupted, StopRequest, stop_on_signals
+from deit.pseudo_labels import PseudoLabelTeacher
 from deit.resume import resume, resume_source
 from deit.run import Progress, Run, RunError, build_run, model_options, resolve_device
 from deit.teacher_cache import TeacherCache
@@ -140,8 +141,8 @@ def _log_start(run: Run) -> None:
 
 
 def _evaluate_teacher(run: Run) -> dict[str, float] | None:
-    if run.teacher is None or not run.config.run.eval_teacher:
-        return None
+    if run.teacher is None or not run.config.run.eval_teacher or isinstance(run.teacher, PseudoLabelTeacher):
+        return None  # stored pseudo-labels exist for the training images only
     metrics = evaluate(
         run.teacher,
         run.data.val_loader,

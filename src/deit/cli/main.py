@@ -8,6 +8,8 @@ deit analyze --checkpoint runs/student/checkpoint.pth --teacher runs/teacher/che
 deit plot runs/student runs/baseline --output curves.png
 deit report runs/student --analysis analysis --output report.html
 deit verify-data --data-path data
+deit noisy-student --config fashion_mnist_noisy_student --output-dir runs/noisy-student
+deit pseudo-label --teacher-path runs/teacher/checkpoint.pth --label-fraction 0.1 --output labels.safetensors
 deit benchmark --model deit_tiny_distilled_patch16_224 resnet18 --batch-size 64 --dtype fp32 bf16
 deit demo
 deit models [PATTERN]
@@ -26,6 +28,7 @@ from deit.benchmark import BenchmarkError
 from deit.checkpoint import CheckpointError
 from deit.cli.analysis import add_analyze_parser, add_plot_parser, add_report_parser
 from deit.cli.bench import add_benchmark_parser
+from deit.cli.semi import add_noisy_student_parser, add_pseudo_label_parser
 from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
 from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
 from deit.config import ConfigError
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_report_parser,
         add_benchmark_parser,
         add_demo_parser,
+        add_pseudo_label_parser,
+        add_noisy_student_parser,
         add_verify_data_parser,
         add_models_parser,
     ):

@@ -38,6 +38,24 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--train-subset", "data.train_subset", int, "train on a seeded class-balanced subset of this many images"),
     ("--num-workers", "data.num_workers", int, "data loader worker processes"),
     (
+        "--label-fraction",
+        "data.label_fraction",
+        float,
+        "keep this seeded, per-class share of the training labels (e.g. 0.1); the rest become unlabelled images",
+    ),
+    (
+        "--unlabeled-data-path",
+        "data.unlabeled_path",
+        str,
+        "a folder of images (class subfolders or not) added to training without labels; needs a teacher",
+    ),
+    (
+        "--unlabeled-ratio",
+        "data.unlabeled_ratio",
+        float,
+        "share of each batch given to unlabelled images (default: their share of the training pool)",
+    ),
+    (
         "--bad-files",
         "data.bad_files",
         str,
@@ -88,6 +106,12 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
         int,
         "keep the teacher's logits for this many fixed augmented views per image and reuse them (in-memory data)",
     ),
+    (
+        "--pseudo-labels",
+        "distill.pseudo_labels",
+        str,
+        "a `deit pseudo-label` file: the student distils from these stored predictions instead of a teacher",
+    ),
     ("--output-dir", "run.output_dir", str, "where checkpoints and logs go"),
     ("--resume", "run.resume", str, "checkpoint to continue from, or 'auto' for the output dir's latest"),
     (
@@ -121,6 +145,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a DeiT student (or a CNN teacher)",
         description="Train a model. Start from --config (a YAML file or a bundled preset), then flags override it.",
     )
+    add_config_arguments(parser)
+    parser.set_defaults(handler=run_train)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, every training flag and --set: what ``train_config_from_args`` reads."""
     parser.add_argument("--config", help=f"YAML config file or preset name ({', '.join(list_presets())})")
     for flag, key, kind, text in TRAIN_FLAGS:
         parser.add_argument(
@@ -138,7 +168,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.betas=[0.9,0.95]"
     )
-    parser.set_defaults(handler=run_train)
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -17,15 +17,19 @@ from deit.data.datasets import (
     canonical_dataset_name,
     load_datasets,
 )
-from deit.data.samplers import EpochSampler, SeededSamples, ShardSampler
+from deit.data.samplers import EpochSampler, MixedEpochSampler, SeededSamples, ShardSampler
 from deit.data.transforms import eval_transform, train_transform
+from deit.data.unlabeled import UNLABELED, build_pool, count_labeled
 
 __all__ = [
     "DATASET_ALIASES",
     "DataBundle",
     "DataError",
     "DatasetInfo",
+    "UNLABELED",
+    "Unlabeled",
     "build_data",
+    "build_pool_for_labelling",
     "build_eval_data",
     "canonical_dataset_name",
     "load_datasets",
@@ -33,9 +37,26 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class Unlabeled:
+    """Where a run's unlabelled images come from and how many of each batch they fill."""
+
+    label_fraction: float | None = None  # keep this stratified share of the training labels, the rest unlabelled
+    path: str | None = None  # a folder of images added unlabelled
+    ratio: float | None = None  # unlabelled share of each batch; None: their share of the pool
+    selection: torch.Tensor | None = None  # pool indices to train on, repeats allowed (Noisy Student)
+    pool_size: int | None = None  # the pool size the selection was made for
+
+    def pool(self, train_set: Dataset, info: DatasetInfo, *, seed: int, bad_files: str) -> Dataset:
+        return build_pool(
+            train_set, info, seed=seed, label_fraction=self.label_fraction, unlabeled_path=self.path,
+            bad_files=bad_files, selection=self.selection, pool_size=self.pool_size,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DataBundle:
     train_loader: DataLoader  # yields this process's batches; set_epoch on train_sampler first
-    train_sampler: EpochSampler
+    train_sampler: EpochSampler | MixedEpochSampler
     val_loader: DataLoader  # this process's share of the validation set: each image on exactly one process
     info: DatasetInfo
     input_size: int
@@ -65,25 +86,36 @@ def build_data(
     bad_files: str = "error",
     batched: bool = True,
     views: int | None = None,
+    unlabeled: Unlabeled | None = None,
 ) -> DataBundle:
     """Data sets with their transforms, in loaders for process ``rank`` of ``num_replicas``."""
     train_set, val_set, info = load_datasets(
         dataset, data_path, download=download, in_chans=in_chans, bad_files=bad_files
     )
     size = _input_size(info, input_size)
-    train_set.transform = train_transform(
+    val_set.transform = eval_transform(**_transform_stats(info, size))
+    train_set = _training_pool(train_set, info, seed=seed, subset=train_subset, unlabeled=unlabeled, bad=bad_files)
+    base = train_set.dataset if isinstance(train_set, Subset) else train_set
+    base.transform = train_transform(
         hflip=hflip, rand_augment=rand_augment, random_erasing=random_erasing, **_transform_stats(info, size)
     )
-    val_set.transform = eval_transform(**_transform_stats(info, size))
-    if train_subset is not None:
-        train_set = Subset(train_set, balanced_subset(train_set.targets, train_subset, seed))
     if len(train_set) < batch_size * num_replicas:
         raise DataError(
             f"the training set has {len(train_set)} images, fewer than one global batch of {batch_size * num_replicas}"
         )
-    sampler = EpochSampler(
-        len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed, views=views
-    )
+    sampler: EpochSampler | MixedEpochSampler
+    if unlabeled is not None and count_labeled(train_set) < len(train_set):
+        if repeated_aug > 1 or views:
+            raise DataError("unlabelled images work without repeated augmentation and without a teacher cache")
+        labels = torch.as_tensor(train_set.targets)
+        sampler = MixedEpochSampler(
+            labels, batch_size=batch_size, unlabeled_ratio=unlabeled.ratio, num_replicas=num_replicas, rank=rank,
+            seed=seed,
+        )  # fmt: skip
+    else:
+        sampler = EpochSampler(
+            len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed, views=views
+        )
     batch_transform = None
     if batched and _can_batch(train_set, size, info, rand_augment, random_erasing):
         # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
@@ -118,6 +150,38 @@ def build_eval_data(
     val_set.transform = eval_transform(**_transform_stats(info, _input_size(info, input_size)))
     sampler = ShardSampler(len(val_set))
     return _loader(val_set, batch_size, sampler, workers=num_workers, pin=pin_memory), info
+
+
+def build_pool_for_labelling(
+    dataset: str,
+    data_path: str | None,
+    *,
+    seed: int,
+    unlabeled: Unlabeled,
+    input_size: int | None = None,
+    in_chans: int | None = None,
+    train_subset: int | None = None,
+    bad_files: str = "error",
+) -> tuple[Dataset, DatasetInfo, int]:
+    """The training pool a run with ``unlabeled`` would draw from, in order, with the evaluation transform.
+
+    This is what a teacher pseudo-labels: clean images (no augmentation), the same pool index by index.
+    """
+    train_set, _, info = load_datasets(dataset, data_path, in_chans=in_chans, bad_files=bad_files)
+    size = _input_size(info, input_size)
+    pool = _training_pool(train_set, info, seed=seed, subset=train_subset, unlabeled=unlabeled, bad=bad_files)
+    pool.transform = eval_transform(**_transform_stats(info, size))
+    return pool, info, size
+
+
+def _training_pool(
+    train_set: Dataset, info: DatasetInfo, *, seed: int, subset: int | None, unlabeled: Unlabeled | None, bad: str
+) -> Dataset:
+    if subset is not None:
+        train_set = Subset(train_set, balanced_subset(train_set.targets, subset, seed))
+    if unlabeled is not None:
+        train_set = unlabeled.pool(train_set, info, seed=seed, bad_files=bad)
+    return train_set
 
 
 def _can_batch(dataset: Dataset, size: int, info: DatasetInfo, rand_augment: str | None, erasing: float) -> bool:

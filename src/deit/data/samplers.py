@@ -82,6 +82,81 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return self.num_samples
 
 
+class MixedEpochSampler(Sampler[tuple[int, int]]):
+    """An epoch whose every batch holds a set number of labelled and unlabelled images.
+
+    ``labels`` marks the unlabelled images with a negative label. Each batch of
+    ``batch_size`` takes ``round(batch_size * unlabeled_ratio)`` unlabelled
+    images (default ratio: the pool's own share) and labelled ones for the rest,
+    each kind drawn from its own stream: a seeded shuffle of that kind's
+    images, reshuffled whenever it runs out, so 600 labelled images among
+    60,000 are each seen many times per epoch. The epoch has as many batches
+    as the whole pool fills, and is dealt out to processes as ``EpochSampler``
+    deals its order: each global batch is all processes' labelled images, then
+    their unlabelled ones, and process ``r`` takes positions ``r, r + w, ...``.
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        unlabeled_ratio: float | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        labels = torch.as_tensor(labels)
+        self.labeled = (labels >= 0).nonzero().flatten()
+        self.unlabeled = (labels < 0).nonzero().flatten()
+        if unlabeled_ratio is None:
+            unlabeled_ratio = len(self.unlabeled) / len(labels)
+        if not 0 <= unlabeled_ratio < 1:
+            raise ValueError(f"the unlabelled share of a batch must be in [0, 1), got {unlabeled_ratio}")
+        self.per_batch_unlabeled = round(batch_size * unlabeled_ratio) if len(self.unlabeled) else 0
+        self.per_batch_labeled = batch_size - self.per_batch_unlabeled
+        if self.per_batch_labeled == 0 or len(self.labeled) == 0:
+            raise ValueError(f"batches of {batch_size} with {unlabeled_ratio:.3f} unlabelled hold no labelled image")
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+        self.batches = len(labels) // (batch_size * num_replicas)
+        if self.batches == 0:
+            raise ValueError(f"{len(labels)} images do not fill one batch of {batch_size} on {num_replicas} processes")
+        self.total_size = self.batches * batch_size * num_replicas
+        self.num_samples = self.total_size // num_replicas
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def _stream(self, members: torch.Tensor, length: int, kind: int) -> torch.Tensor:
+        passes = -(-length // len(members)) if length else 0
+        shuffles = [
+            members[torch.randperm(len(members), generator=torch.Generator().manual_seed(seed))]
+            for seed in (derive_seed(self.seed, self.epoch, kind, p) for p in range(passes))
+        ]
+        return torch.cat(shuffles)[:length] if shuffles else members[:0]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        w = self.num_replicas
+        labeled = self._stream(self.labeled, self.batches * self.per_batch_labeled * w, 2)
+        unlabeled = self._stream(self.unlabeled, self.batches * self.per_batch_unlabeled * w, 3)
+        # batch by batch: the labelled images of all processes, then their unlabelled ones
+        blocks = [labeled.view(self.batches, self.per_batch_labeled * w)]
+        blocks.append(unlabeled.view(self.batches, self.per_batch_unlabeled * w))
+        order = torch.cat(blocks, dim=1).flatten()
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)
+        mine = slice(self.rank + self.start * w, None, w)
+        return zip(order[mine].tolist(), seeds[mine].tolist(), strict=True)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class ShardSampler(Sampler[int]):
     """Process ``rank`` of ``num_replicas`` takes every ``num_replicas``-th index: each image is seen exactly once."""
 
@@ -110,9 +185,11 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[object, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[object, int, int]:
+        """The image, its label and its index in the data set (an indexed teacher looks its targets up by it)."""
         index, seed = key
         torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also touch CUDA, 30x slower
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        return self.dataset[index]
+        image, label = self.dataset[index]
+        return image, label, index

@@ -1,0 +1,156 @@
+"""Training pools with unlabelled images: a fraction of the labels kept, a folder of images added.
+
+An unlabelled image carries the label ``UNLABELED`` (-1) through the loader;
+the loss ignores it for the label term and only the teacher's signal trains
+the student on it (see ``deit.losses``). The pool keeps the training set's
+type: in-memory sets stay uint8 tensors (an added folder is decoded and
+resized to the set's native size once), image folders stay lists of files,
+so every loader path and augmentation works unchanged.
+
+``label_fraction_mask`` keeps a fraction of each class's labels, chosen by a
+seeded shuffle: the same seed gives the same split on any machine and any
+number of processes, and a smaller fraction's labelled images are a subset of
+a larger one's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from deit.data.datasets import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    DatasetInfo,
+    ImageFileDataset,
+    TensorImageDataset,
+    _image_files,
+    load_image,
+    unreadable_reason,
+)
+
+log = logging.getLogger("deit")
+
+UNLABELED = -1
+
+
+def label_fraction_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A boolean mask keeping ``fraction`` of each class's labels (at least one per class), seeded."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"--label-fraction must be in (0, 1], got {fraction}")
+    labels = torch.as_tensor(labels)
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    priority = torch.randperm(len(labels), generator=generator)  # one shuffle for all classes: nested fractions
+    for cls in labels.unique().tolist():
+        members = (labels == cls).nonzero().flatten()
+        members = members[priority[members].argsort()]
+        keep[members[: max(1, round(fraction * len(members)))]] = True
+    return keep
+
+
+def build_pool(
+    train_set: Dataset,
+    info: DatasetInfo,
+    *,
+    seed: int,
+    label_fraction: float | None = None,
+    unlabeled_path: str | None = None,
+    bad_files: str = "error",
+    selection: torch.Tensor | None = None,
+    pool_size: int | None = None,
+) -> Dataset:
+    """The training set with the unlabelled images marked ``UNLABELED``, then reindexed by ``selection`` if given.
+
+    ``selection`` lists pool indices to train on, repeats allowed (Noisy
+    Student's filtered and class-balanced pool, see ``deit.pseudo_labels``),
+    which was made for a pool of ``pool_size`` images.
+    """
+    pool = _materialize(train_set)
+    if label_fraction is not None and label_fraction < 1:
+        labels = torch.as_tensor(pool.targets)
+        masked = torch.where(label_fraction_mask(labels, label_fraction, seed), labels, UNLABELED)
+        pool = _relabel(pool, masked)
+    if unlabeled_path is not None:
+        pool = _append_folder(pool, info, Path(unlabeled_path), bad_files)
+    if pool_size is not None and pool_size != len(pool):
+        raise DataError(
+            f"pseudo-labels cover {pool_size} images but the training pool has {len(pool)}: they were made with "
+            "another --label-fraction, --unlabeled-data-path, --train-subset or seed"
+        )
+    if selection is not None:
+        if len(selection) and (selection.min() < 0 or selection.max() >= len(pool)):
+            raise DataError(f"the pseudo-label selection indexes past the training pool of {len(pool)} images")
+        pool = _reindex(pool, selection)
+    return pool
+
+
+def count_labeled(dataset: Dataset) -> int:
+    return sum(1 for label in dataset.targets if label != UNLABELED)  # type: ignore[attr-defined]
+
+
+def _materialize(dataset: Dataset) -> TensorImageDataset | ImageFileDataset:
+    if isinstance(dataset, Subset):
+        return _reindex(dataset.dataset, torch.as_tensor(dataset.indices))
+    if not isinstance(dataset, TensorImageDataset | ImageFileDataset):
+        raise DataError(f"unlabelled images need an in-memory or image-folder training set, not {type(dataset)}")
+    return dataset
+
+
+def _reindex(dataset: Dataset, indices: torch.Tensor) -> TensorImageDataset | ImageFileDataset:
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images[indices], dataset.labels[indices])
+    assert isinstance(dataset, ImageFileDataset)
+    return _files_like(dataset, [dataset.samples[i] for i in indices.tolist()])
+
+
+def _relabel(dataset: Dataset, labels: torch.Tensor) -> TensorImageDataset | ImageFileDataset:
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images, labels)
+    assert isinstance(dataset, ImageFileDataset)
+    return _files_like(dataset, [(path, int(label)) for (path, _), label in zip(dataset.samples, labels, strict=True)])
+
+
+def _files_like(dataset: ImageFileDataset, samples: list[tuple[Path, int]]) -> ImageFileDataset:
+    return ImageFileDataset(samples, in_chans=1 if dataset.mode == "L" else 3)
+
+
+def _append_folder(pool: Dataset, info: DatasetInfo, folder: Path, bad_files: str) -> Dataset:
+    """``pool`` followed by every image under ``folder`` (class subfolders or not: labels are ignored)."""
+    if not folder.is_dir():
+        raise DataError(f"unlabelled data path {folder} does not exist or is not a folder")
+    files = _image_files(folder)
+    if bad_files == "skip":
+        readable = [path for path in files if unreadable_reason(path) is None]
+        if len(readable) < len(files):
+            skipped = sorted(set(files) - set(readable))
+            log.warning("--bad-files skip: left out %d unreadable unlabelled images: %s", len(skipped), skipped[:10])
+        files = readable
+    if not files:
+        raise DataError(f"unlabelled data path {folder} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})")
+    log.info("added %d unlabelled images from %s", len(files), folder)
+    if isinstance(pool, TensorImageDataset):
+        images = torch.stack([_decode_to_size(path, info) for path in files])
+        labels = torch.full((len(files),), UNLABELED, dtype=torch.long)
+        return TensorImageDataset(torch.cat([pool.images, images]), torch.cat([pool.labels, labels]))
+    assert isinstance(pool, ImageFileDataset)
+    return _files_like(pool, pool.samples + [(path, UNLABELED) for path in files])
+
+
+def _decode_to_size(path: Path, info: DatasetInfo) -> torch.Tensor:
+    """An image file as uint8 (C, H, W) at the in-memory set's size: shorter side resized, centre cropped."""
+    image = load_image(path, "L" if info.in_chans == 1 else "RGB")
+    size = info.native_size
+    assert size is not None
+    if image.size != (size, size):
+        scale = size / min(image.size)
+        resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return array.view(size, size, info.in_chans).permute(2, 0, 1).contiguous()
