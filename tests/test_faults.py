@@ -127,6 +127,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     """Bitwise: weights, EMA, optimizer state; exactly equal per-step and per-epoch losses."""
     first, second = load_checkpoint(a / "checkpoint.pth"), load_checkpoint(b / "checkpoint.pth")
     for key in ("model", "model_ema"):
+        if first[key] is None:  # a run without EMA
+            assert second[key] is None
+            continue
         assert first[key].keys() == second[key].keys()
         for name in first[key]:
             assert torch.equal(first[key][name], second[key][name]), f"{key}.{name}"

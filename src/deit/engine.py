@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,12 +151,9 @@ def train_one_epoch(
     step_loss = 0.0
     for offset in range(steps * accum_steps):
         step, micro = first_step + offset // accum_steps, offset % accum_steps
-        images, targets, *keys = (tensor.to(device, non_blocking=True) for tensor in next(batches))
-        if batch_transform is not None:  # the batch is uint8, with each image's seed and data-set index
-            images = batch_transform(images, keys[0])
+        images, targets, indices = _unpack(next(batches), device, batch_transform)
         if seed is not None:
             seed_step(seed, step, micro, rank)
-        indices = keys[-1] if keys else None  # each image's index in the data set
         losses = _forward(model, criterion, images, targets, indices, teacher=teacher, mixup=mixup, precision=precision)
         step_loss += guard.agree(losses["loss"], step) / accum_steps
         last_micro = micro == accum_steps - 1
@@ -182,6 +179,20 @@ def train_one_epoch(
     rate = (meter.images - images_before) / max(elapsed, 1e-9)
     metrics.update(lr=meter.lr, steps=meter.micro_batches // accum_steps, images_per_sec=rate, seconds=elapsed)
     return metrics
+
+
+def _unpack(
+    batch: Sequence[torch.Tensor], device: torch.device, batch_transform: Callable | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Images, labels and data-set indices of a loader batch, on the device and augmented.
+
+    The loader yields (images, labels, ..., indices); with whole-batch
+    augmentation, (uint8 images, labels, seeds, indices), finished here.
+    """
+    images, targets, *keys = (tensor.to(device, non_blocking=True) for tensor in batch)
+    if batch_transform is not None:
+        images = batch_transform(images, keys[0])
+    return images, targets, keys[-1] if keys else None
 
 
 def _forward(

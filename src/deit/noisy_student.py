@@ -31,6 +31,8 @@ import torch
 
 from deit.config import TrainConfig, with_overrides
 from deit.data import Unlabeled, build_pool_for_labelling
+from deit.data.unlabeled import pool_fingerprint
+from deit.distributed import from_environment
 from deit.pseudo_labels import PseudoLabels, predict_pool, select
 from deit.run import RunError, resolve_device
 from deit.teachers import InputSpec, build_teacher
@@ -66,10 +68,12 @@ def make_pseudo_labels(
         class_names=info.class_names,
         input_size=size,
     ).to(device)
-    probs = predict_pool(teacher, pool, batch_size=2 * config.optim.batch_size, device=device)
+    probs = predict_pool(
+        teacher, pool, batch_size=2 * config.optim.batch_size, device=device, num_workers=data.num_workers
+    )
     labels = torch.as_tensor(pool.targets)
     selection = select(probs, labels, threshold=threshold, balance=balance, seed=config.run.seed)
-    PseudoLabels(probs, selection, info.class_names, teacher_path).save(output)
+    PseudoLabels(probs, selection, info.class_names, teacher_path, pool_fingerprint(pool)).save(output)
     stats = _statistics(probs, labels, selection, config)
     log.info("pseudo-labels from %s: %s", teacher_path, stats)
     return stats
@@ -101,6 +105,11 @@ def run_noisy_student(config: TrainConfig, plan: NoisyStudentPlan, output_dir: s
     """Train ``plan.generations`` students; returns (and writes to noisy_student.json) one record per generation."""
     if config.data.label_fraction is None and config.data.unlabeled_path is None:
         raise RunError("Noisy Student needs unlabelled images: give --label-fraction or --unlabeled-data-path")
+    if from_environment().enabled:
+        raise RunError(
+            "deit noisy-student runs as one process; under torchrun, make each generation's pseudo-labels once with "
+            "`deit pseudo-label` and train it with `torchrun ... -m deit train --pseudo-labels FILE`"
+        )
     if plan.students and len(plan.students) != plan.generations:
         raise RunError(f"--students names {len(plan.students)} models for {plan.generations} generations")
     out = Path(output_dir)

@@ -41,9 +41,10 @@ class PseudoLabels:
     selection: torch.Tensor  # (images trained on,): pool indices, repeats allowed
     class_names: tuple[str, ...]
     teacher: str  # where the predictions come from, for the log
+    pool: str  # fingerprint of the training pool they label (deit.data.unlabeled.pool_fingerprint)
 
     def save(self, path: str | Path) -> None:
-        metadata = {"class_names": json.dumps(list(self.class_names)), "teacher": self.teacher}
+        metadata = {"class_names": json.dumps(list(self.class_names)), "teacher": self.teacher, "pool": self.pool}
         with atomic_path(Path(path)) as temporary:
             tensors = {"probs": self.probs.float().contiguous(), "selection": self.selection.long().contiguous()}
             save_file(tensors, str(temporary), metadata=metadata)
@@ -54,13 +55,14 @@ class PseudoLabels:
             raise PseudoLabelError(f"pseudo-label file {path} does not exist")
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
-            if {"probs", "selection"} - set(file.keys()) or "class_names" not in metadata:
+            if {"probs", "selection"} - set(file.keys()) or {"class_names", "pool"} - set(metadata):
                 raise PseudoLabelError(f"{path} is not a pseudo-label file written by deit (probs, selection)")
             probs, selection = file.get_tensor("probs"), file.get_tensor("selection")
-        return cls(probs, selection, tuple(json.loads(metadata["class_names"])), metadata.get("teacher", "?"))
+        class_names = tuple(json.loads(metadata["class_names"]))
+        return cls(probs, selection, class_names, metadata.get("teacher", "?"), metadata["pool"])
 
     def check(self, class_names: tuple[str, ...]) -> None:
-        """Refuse labels made for another data set (the pool size is checked where the pool is built)."""
+        """Refuse labels made for another data set (the pool itself is checked where it is built)."""
         if tuple(class_names) != self.class_names:
             raise PseudoLabelError(f"pseudo-labels are for classes {self.class_names}, the data has {class_names}")
 

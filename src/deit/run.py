@@ -71,7 +71,7 @@ def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> dict[
 
 def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | PseudoLabelTeacher | None:
     distill = config.distill
-    if distill.pseudo_labels:
+    if distill.pseudo_labels:  # _unlabeled has checked that no teacher is given too
         labels = PseudoLabels.load(distill.pseudo_labels)
         labels.check(data.info.class_names)
         return PseudoLabelTeacher(labels)
@@ -228,17 +228,19 @@ def _unlabeled(config: TrainConfig) -> Unlabeled | None:
         return None
     if distill.pseudo_labels and distill.type == "none":
         raise RunError("--pseudo-labels replace the teacher: give --distillation-type soft or hard")
+    if distill.pseudo_labels and (distill.teacher_path or distill.teacher_pretrained):
+        raise RunError("give a teacher or stored pseudo-labels, not both")
     ratio = data.unlabeled_ratio
     if distill.type == "none":
         log.info("no teacher: training on the labelled images only (an epoch still spans the whole pool)")
         ratio = 0.0
     elif config.augment.mixup > 0 or config.augment.cutmix > 0:
         raise RunError("Mixup / CutMix would mix labels with unlabelled images: set --mixup 0 --cutmix 0")
-    selection = pool_size = None
+    selection = fingerprint = None
     if distill.pseudo_labels:
         labels = PseudoLabels.load(distill.pseudo_labels)
-        selection, pool_size = labels.selection, len(labels.probs)
-    return Unlabeled(data.label_fraction, data.unlabeled_path, ratio, selection, pool_size)
+        selection, fingerprint = labels.selection, labels.pool
+    return Unlabeled(data.label_fraction, data.unlabeled_path, ratio, selection, fingerprint)
 
 
 def _build_data(config: TrainConfig, layout: Distributed, device: torch.device) -> DataBundle:

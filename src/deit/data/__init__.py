@@ -44,12 +44,12 @@ class Unlabeled:
     path: str | None = None  # a folder of images added unlabelled
     ratio: float | None = None  # unlabelled share of each batch; None: their share of the pool
     selection: torch.Tensor | None = None  # pool indices to train on, repeats allowed (Noisy Student)
-    pool_size: int | None = None  # the pool size the selection was made for
+    fingerprint: str | None = None  # of the pool the selection was made for (see pool_fingerprint)
 
     def pool(self, train_set: Dataset, info: DatasetInfo, *, seed: int, bad_files: str) -> Dataset:
         return build_pool(
             train_set, info, seed=seed, label_fraction=self.label_fraction, unlabeled_path=self.path,
-            bad_files=bad_files, selection=self.selection, pool_size=self.pool_size,
+            bad_files=bad_files, selection=self.selection, fingerprint=self.fingerprint,
         )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ a larger one's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -62,31 +63,48 @@ def build_pool(
     unlabeled_path: str | None = None,
     bad_files: str = "error",
     selection: torch.Tensor | None = None,
-    pool_size: int | None = None,
+    fingerprint: str | None = None,
 ) -> Dataset:
     """The training set with the unlabelled images marked ``UNLABELED``, then reindexed by ``selection`` if given.
 
     ``selection`` lists pool indices to train on, repeats allowed (Noisy
     Student's filtered and class-balanced pool, see ``deit.pseudo_labels``),
-    which was made for a pool of ``pool_size`` images.
+    which was made for the pool whose ``pool_fingerprint`` is ``fingerprint``.
     """
     pool = _materialize(train_set)
     if label_fraction is not None and label_fraction < 1:
         labels = torch.as_tensor(pool.targets)
-        masked = torch.where(label_fraction_mask(labels, label_fraction, seed), labels, UNLABELED)
-        pool = _relabel(pool, masked)
+        keep = label_fraction_mask(labels, label_fraction, seed)
+        pool = _relabel(pool, torch.where(keep, labels, UNLABELED))
+        split_digest = hashlib.sha256(keep.nonzero().flatten().numpy().tobytes()).hexdigest()[:12]
+        log.info(
+            "--label-fraction %g: %d labelled images (per class %s), %d unlabelled; split %s (seed %d)",
+            label_fraction, int(keep.sum()), torch.bincount(labels[keep]).tolist(), int((~keep).sum()),
+            split_digest, seed,
+        )  # fmt: skip
     if unlabeled_path is not None:
         pool = _append_folder(pool, info, Path(unlabeled_path), bad_files)
-    if pool_size is not None and pool_size != len(pool):
+    if fingerprint is not None and fingerprint != pool_fingerprint(pool):
         raise DataError(
-            f"pseudo-labels cover {pool_size} images but the training pool has {len(pool)}: they were made with "
-            "another --label-fraction, --unlabeled-data-path, --train-subset or seed"
+            f"the pseudo-labels were made for another training pool than this run's {len(pool)} images: another "
+            "data set, --label-fraction, --unlabeled-data-path, --train-subset or seed"
         )
     if selection is not None:
         if len(selection) and (selection.min() < 0 or selection.max() >= len(pool)):
             raise DataError(f"the pseudo-label selection indexes past the training pool of {len(pool)} images")
         pool = _reindex(pool, selection)
     return pool
+
+
+def pool_fingerprint(dataset: Dataset) -> str:
+    """A digest of a pool's images (pixels, or file paths) and labels, in order: pseudo-labels are tied to it."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, TensorImageDataset):
+        digest.update(dataset.images.numpy().tobytes())
+    else:
+        digest.update("\n".join(str(path) for path, _ in dataset.samples).encode())  # type: ignore[attr-defined]
+    digest.update(torch.as_tensor(dataset.targets, dtype=torch.int64).numpy().tobytes())  # type: ignore[attr-defined]
+    return digest.hexdigest()
 
 
 def count_labeled(dataset: Dataset) -> int:
