@@ -49,6 +49,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--unlabeled-ratio", type=float, default=0.75, help="unlabelled share of each batch")
     parser.add_argument("--train-subset", type=int, default=0, help="class-balanced training pool (0: all 60000)")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("supervised", "semi", "noisy-student"),
+        default=["supervised", "semi", "noisy-student"],
+        help="the students to train (the teacher when one needs it)",
+    )
     parser.add_argument("--work-dir", default="runs/label_efficiency")
     parser.add_argument("--output", default="benchmarks/results/label_efficiency.md")
     parser.add_argument("--no-progress", action="store_true")
@@ -79,23 +86,30 @@ def run_fraction(args: argparse.Namespace, fraction: float, seed: int, work: Pat
         values = {**common, "optim.epochs": args.epochs, "run.output_dir": str(work / folder), **overrides}
         return with_overrides(load_config(preset), values)
 
-    results: dict[str, tuple[float, float]] = {}
-    for method, run_config in (
-        ("teacher", config("fashion_mnist_teacher", "teacher", **{"optim.epochs": args.teacher_epochs})),
-        ("supervised", config("fashion_mnist", "supervised")),
-        (
-            "semi-supervised distillation",
+    noisy_student = "noisy-student" in args.methods and fraction < 1  # it needs unlabelled images
+    runs = {
+        "teacher": (
+            "semi" in args.methods,
+            config("fashion_mnist_teacher", "teacher", **{"optim.epochs": args.teacher_epochs}),
+        ),
+        "supervised": ("supervised" in args.methods or noisy_student, config("fashion_mnist", "supervised")),
+        "semi-supervised distillation": (
+            "semi" in args.methods,
             config(
                 "fashion_mnist",
                 "semi",
                 **{"distill.type": "soft", "distill.teacher_path": str(work / "teacher" / "checkpoint.pth")},
             ),
         ),
-    ):
+    }
+    results: dict[str, tuple[float, float]] = {}
+    for method, (wanted, run_config) in runs.items():
+        if not wanted:
+            continue
         logging.info("fraction %s seed %d: %s", fraction, seed, method)
         result = fit(run_config)
         results[method] = (result.final["acc1"], result.seconds / 60)
-    if fraction < 1:  # Noisy Student needs unlabelled images
+    if noisy_student:  # generation 0 is the supervised student
         plan = NoisyStudentPlan(generations=2, teacher_path=str(work / "supervised" / "checkpoint.pth"))
         noised = config("fashion_mnist", "noisy_student", **{"distill.type": "soft", **NOISE})
         for record in run_noisy_student(noised, plan, work / "noisy_student"):
@@ -125,11 +139,11 @@ def main(argv: list[str]) -> int:
         "",
         f"Command: `{command.strip()}`",
         "",
-        f"Pool: {pool}, of which the given fraction keeps its labels (stratified, seeded); validation: the 10000",
-        f"test images. Students `deit_nano_distilled_patch7_28` for {args.epochs} epochs of the pool, teacher ResNet-18",
-        f"for {args.teacher_epochs}; unlabelled share of a batch {args.unlabeled_ratio}. {args.seeds} seeds, mean ± std",
-        f"of the final top-1 (%). Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch",
-        f"{torch.__version__}; the table took {(time.perf_counter() - started) / 60:.0f} min (finished runs are reused).",
+        f"Pool: {pool}, of which the given fraction keeps its labels (stratified, seeded); validation: the",
+        f"10000 test images. Students `deit_nano_distilled_patch7_28` for {args.epochs} epochs of the pool, teacher",
+        f"ResNet-18 for {args.teacher_epochs}; unlabelled share of a batch {args.unlabeled_ratio}. {args.seeds} seeds,",
+        f"mean ± std of the final top-1 (%). Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch",
+        f"{torch.__version__}; the table took {(time.perf_counter() - started) / 60:.0f} min (finished runs reused).",
         "",
         "| labels | " + " | ".join(METHODS) + " |",
         "|---|" + "---:|" * len(METHODS),
@@ -145,12 +159,15 @@ def main(argv: list[str]) -> int:
             for method in METHODS
         ]
         lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
-    lines += ["", "Pseudo-label accuracy on the unlabelled images (against their hidden labels):", ""]
-    for fraction, methods in table.items():
-        for generation in (1, 2):
-            values = [acc for acc, _ in methods.get(f"pseudo-label accuracy gen {generation}", [])]
-            if values:
-                lines.append(f"- {fraction:.0%} labels, generation {generation}: {mean_std(values)}")
+    pseudo_label_lines = [
+        f"- {fraction:.0%} labels, generation {generation}: {mean_std(values)}"
+        for fraction, methods in table.items()
+        for generation in (1, 2)
+        if (values := [acc for acc, _ in methods.get(f"pseudo-label accuracy gen {generation}", [])])
+    ]
+    if pseudo_label_lines:
+        lines += ["", "Pseudo-label accuracy on the unlabelled images (against their hidden labels):", ""]
+        lines += pseudo_label_lines
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines) + "\n")
