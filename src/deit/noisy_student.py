@@ -88,7 +88,7 @@ def _statistics(
         "pool_images": len(labels),
         "unlabeled_images": int(hidden.sum()),
         "unlabeled_kept": len(selection) - int((~hidden).sum()),  # with class-balancing repeats
-        "labeled_accuracy": 100.0 * (predicted[~hidden] == labels[~hidden]).float().mean().item(),
+        "labeled_accuracy": round(100.0 * (predicted[~hidden] == labels[~hidden]).float().mean().item(), 2),
     }
     if config.data.unlabeled_path is None and hidden.any():
         # a --label-fraction pool hides labels the data set has: measure the pseudo-labels against them
@@ -97,7 +97,7 @@ def _statistics(
             config.data.dataset, config.data.path, unlabeled=Unlabeled(), bad_files=config.data.bad_files, **options
         )
         truth = torch.as_tensor(full.targets)
-        stats["unlabeled_accuracy"] = 100.0 * (predicted[hidden] == truth[hidden]).float().mean().item()
+        stats["unlabeled_accuracy"] = round(100.0 * (predicted[hidden] == truth[hidden]).float().mean().item(), 2)
     return stats
 
 

@@ -146,7 +146,8 @@ def _append_folder(pool: Dataset, info: DatasetInfo, folder: Path, bad_files: st
         readable = [path for path in files if unreadable_reason(path) is None]
         if len(readable) < len(files):
             skipped = sorted(set(files) - set(readable))
-            log.warning("--bad-files skip: left out %d unreadable unlabelled images: %s", len(skipped), skipped[:10])
+            names = [str(path) for path in skipped[:10]]
+            log.warning("--bad-files skip: left out %d unreadable unlabelled images: %s", len(skipped), names)
         files = readable
     if not files:
         raise DataError(f"unlabelled data path {folder} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})")
