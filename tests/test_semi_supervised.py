@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from conftest import needs_fashion_mnist, write_image
 from deit.cli import main
@@ -18,7 +19,7 @@ from deit.data.samplers import MixedEpochSampler
 from deit.data.unlabeled import UNLABELED, label_fraction_mask
 from deit.losses import DistillationLoss, soft_distillation_loss
 from deit.noisy_student import NoisyStudentPlan, run_noisy_student
-from deit.pseudo_labels import PseudoLabels, PseudoLabelTeacher, select
+from deit.pseudo_labels import PseudoLabelError, PseudoLabels, PseudoLabelTeacher, select
 from deit.run import RunError, build_run
 from deit.training import fit
 
@@ -183,8 +184,11 @@ def test_pseudo_labels_round_trip_and_are_looked_up_by_index(tmp_path):
     out = teacher(torch.zeros(2, 1, 4, 4), torch.tensor([2, 4]))  # rows 2 and 4 of the selection: images 5 and 7
     assert torch.allclose(out.softmax(dim=-1), probs[[5, 7]], atol=1e-6)
     (tmp_path / "other.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(Exception, match="."):
+    with pytest.raises(PseudoLabelError, match="unreadable as safetensors"):
         PseudoLabels.load(tmp_path / "other.safetensors")
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))  # safetensors, but not ours
+    with pytest.raises(PseudoLabelError, match="deit pseudo-label"):
+        PseudoLabels.load(tmp_path / "weights.safetensors")
 
 
 # --- whole runs ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -53,11 +53,17 @@ class PseudoLabels:
     def load(cls, path: str | Path) -> PseudoLabels:
         if not Path(path).is_file():
             raise PseudoLabelError(f"pseudo-label file {path} does not exist")
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            if {"probs", "selection"} - set(file.keys()) or {"class_names", "pool"} - set(metadata):
-                raise PseudoLabelError(f"{path} is not a pseudo-label file written by deit (probs, selection)")
-            probs, selection = file.get_tensor("probs"), file.get_tensor("selection")
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                if {"probs", "selection"} - set(file.keys()) or {"class_names", "pool"} - set(metadata):
+                    raise PseudoLabelError(
+                        f"{path} is not a pseudo-label file from this version of deit (it needs probs, selection, "
+                        "class names and the pool's fingerprint): make it with `deit pseudo-label`"
+                    )
+                probs, selection = file.get_tensor("probs"), file.get_tensor("selection")
+        except SafetensorError as error:
+            raise PseudoLabelError(f"{path} is not a pseudo-label file (unreadable as safetensors: {error})") from error
         class_names = tuple(json.loads(metadata["class_names"]))
         return cls(probs, selection, class_names, metadata.get("teacher", "?"), metadata["pool"])
 
