@@ -95,7 +95,7 @@ def test_config_preset_and_override(tmp_path, capsys):
     config = train_config_from_args(args)
     assert config.model.name.startswith("deit_nano_distilled")  # from the preset
     assert config.optim.epochs == 3 and config.distill.type == "soft" and config.optim.lr == 1e-3
-    assert config.run.amp == "bf16"  # untouched preset value
+    assert config.run.amp == "auto"  # untouched preset value
 
 
 def test_unknown_config_key_is_reported(capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import math
+import statistics
 import struct
 from collections import Counter
 
@@ -366,5 +368,66 @@ def test_in_memory_data_uses_whole_batch_augmentation_unless_the_recipe_needs_im
     assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28) and seeds.shape == indices.shape == (32,)
     assert torch.equal(data.train_loader.dataset.labels[indices], labels)
     assert data.batch_transform(images, seeds).shape == (32, 1, 28, 28)
-    per_image = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320, random_erasing=0.25)
+    erasing = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320, random_erasing=0.25)
+    assert erasing.batch_transform is not None and erasing.batch_transform.random_erasing == 0.25
+    per_image = build_data(
+        "fashion-mnist", None, batch_size=32, seed=0, train_subset=320, rand_augment="rand-m9-mstd0.5"
+    )
     assert per_image.batch_transform is None and next(iter(per_image.train_loader))[0].dtype == torch.float32
+
+
+def _erased_boxes(out: torch.Tensor, background: float) -> list[tuple[int, int] | None]:
+    """(height, width) of the one rectangle of each image that differs from ``background``, or None."""
+    boxes: list[tuple[int, int] | None] = []
+    for image in out:
+        changed = (image != background).any(dim=0)
+        if not changed.any():
+            boxes.append(None)
+            continue
+        rows, cols = changed.any(dim=1).nonzero()[:, 0], changed.any(dim=0).nonzero()[:, 0]
+        height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert int(changed.sum()) == height * width, "the erased pixels are not one rectangle"
+        boxes.append((height, width))
+    return boxes
+
+
+def test_batch_random_erasing_draws_timms_boxes_with_normal_noise():
+    count, side = 4000, 28
+    # a constant image far from the noise: an erased pixel is one that changed (no crop padding, no flip effect)
+    images = torch.full((count, 1, side, side), 255, dtype=torch.uint8)
+    augment = BatchAugment(mean=(0.0,), std=(0.01,), padding=0, hflip=0.0, random_erasing=0.25)
+    out = augment(images, torch.arange(count) * 104729 + 7)
+    background = 100.0  # 255 / 255 normalised with mean 0, std 0.01
+    ours = _erased_boxes(out, background)
+    erased = [box for box in ours if box is not None]
+    assert abs(len(erased) / count - 0.25) < 0.03  # the probability of erasing an image
+    noise = out[out != background]
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02  # standard normal fill
+
+    from timm.data.random_erasing import RandomErasing
+
+    torch.manual_seed(0)
+    reference = RandomErasing(probability=1.0, mode="pixel", max_count=1, device="cpu")
+    drawn = [
+        _erased_boxes(reference(torch.full((1, side, side), background))[None], background)[0] for _ in range(2000)
+    ]
+    timm_boxes = [box for box in drawn if box is not None]
+    ours_area = [h * w / side**2 for h, w in erased]
+    timm_area = [h * w / side**2 for h, w in timm_boxes]
+    ours_aspect = [math.log(h / w) for h, w in erased]
+    timm_aspect = [math.log(h / w) for h, w in timm_boxes]
+    assert abs(statistics.mean(ours_area) - statistics.mean(timm_area)) < 0.01
+    assert abs(statistics.stdev(ours_area) - statistics.stdev(timm_area)) < 0.01
+    assert abs(statistics.mean(ours_aspect)) < 0.06 and abs(statistics.mean(timm_aspect)) < 0.06
+    assert abs(statistics.stdev(ours_aspect) - statistics.stdev(timm_aspect)) < 0.05
+
+
+def test_batch_random_erasing_depends_on_each_images_seed_only():
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    seeds = torch.arange(64) * 7919 + 13
+    augment = BatchAugment(mean=(0.5,), std=(0.2,), padding=3, random_erasing=0.5)
+    whole = augment(images, seeds)
+    assert torch.equal(augment(images[10:20], seeds[10:20]), whole[10:20])
+    plain = BatchAugment(mean=(0.5,), std=(0.2,), padding=3)(images, seeds)
+    differs = (whole != plain).flatten(1).any(dim=1)
+    assert 16 < int(differs.sum()) < 48  # erasing only changes some images; their crop and flip are unchanged

@@ -234,3 +234,14 @@ def test_precision_resolve():
     assert Precision.resolve("none", CPU).describe() == "fp32 on cpu"
     with pytest.raises(ValueError, match="fp8"):
         Precision.resolve("fp8", CPU)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(native, monkeypatch, caplog):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert Precision.resolve("auto", CPU).dtype == (torch.bfloat16 if native else None)
+    caplog.clear()
+    Precision.resolve("bf16", CPU)  # asked for explicitly: kept, with a warning where it is emulated
+    assert ("emulated" in caplog.text) is not native
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert Precision.resolve("auto", torch.device("cuda")).dtype == torch.bfloat16

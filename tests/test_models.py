@@ -11,6 +11,7 @@ from torch import nn
 
 import deit
 from deit.models import EVAL_OUTPUTS, VARIANTS, VisionTransformer, create_model, fuse_heads, is_deit_model, list_models
+from deit.models.cnn import SMALL_RESNETS
 from deit.models.layers import DropPath
 
 PICO = "deit_pico_patch7_28"
@@ -347,3 +348,23 @@ def test_timm_transformers_are_built_at_the_input_size_and_cnns_at_any(fast_init
     assert vit(torch.randn(2, 1, 32, 32)).shape == (2, 10)
     cnn = create_model("resnet10t", num_classes=10, in_chans=1, img_size=28)  # img_size is not passed to a CNN
     assert cnn(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_RESNETS))
+def test_small_image_resnets_keep_the_resolution_and_train_every_parameter(name):
+    model = create_model(name, num_classes=10, in_chans=1, drop_rate=0.1)
+    zero_init = [m.bn2.weight for m in model.modules() if hasattr(m, "bn2")]
+    assert zero_init and all(w.abs().sum() == 0 for w in zero_init)  # each residual block starts as the identity
+    for weight in zero_init:
+        nn.init.ones_(weight)  # else the residual branches get no gradient at the first step, by design
+    images = torch.randn(4, 1, 28, 28)
+    assert model.stem(images).shape[-2:] == (28, 28)  # no stride-2 stem, no max-pool: the first stage sees 28 px
+    logits = model(images)
+    assert logits.shape == (4, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert name in list_models("small")
+    with pytest.raises(ValueError, match="no stochastic depth"):
+        create_model(name, num_classes=10, in_chans=1, drop_path_rate=0.1)
+    with pytest.raises(ValueError, match="no published weights"):
+        create_model(name, pretrained=True)

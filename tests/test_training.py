@@ -15,6 +15,7 @@ import torch
 
 import deit.training
 from conftest import needs_fashion_mnist
+from deit.analysis import figures
 from deit.checkpoint import FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
 from deit.config import TrainConfig, load_config, with_overrides
 from deit.evaluation import evaluate_checkpoint
@@ -189,3 +190,28 @@ def test_tensorboard_logs_every_step_and_each_epochs_metrics(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"step/loss", "step/lr", "train/loss", "val/acc1", "val/cls_acc1", "val/dist_acc1"} <= tags
     assert [event.step for event in events.Scalars("step/loss")] == list(range(8))
+
+
+def test_eval_interval_evaluates_every_nth_epoch_and_the_last(tmp_path):
+    result = fit(tiny_config(tmp_path / "run", **{"optim.epochs": 3, "run.eval_interval": 2}))
+    records = read_metrics(tmp_path / "run")
+    assert [("val" in record) for record in records] == [False, True, True]
+    assert result.final == records[-1]["val"] and result.best_acc1 == max(r["val"]["acc1"] for r in records[1:])
+    figure_path = figures.save(figures.curves_figure({"run": records}), tmp_path / "curves.png")
+    assert figure_path.stat().st_size > 0
+    with pytest.raises(RunError, match="eval_interval must be at least 1"):
+        fit(tiny_config(None, **{"run.eval_interval": 0}))
+
+
+def test_a_small_image_resnet_is_rebuilt_from_its_checkpoint_by_name(tmp_path):
+    overrides = {
+        "model.name": "resnet8_small",
+        "model.drop_path": 0.0,
+        "optim.epochs": 1,
+        "augment.random_erasing": 0.25,
+    }
+    result = fit(tiny_config(tmp_path / "teacher", **overrides))
+    state = load_checkpoint(tmp_path / "teacher" / "checkpoint.pth")
+    rebuilt = model_from_checkpoint(state).eval()
+    images = torch.randn(4, 1, 28, 28)
+    assert torch.equal(rebuilt(images), result.model.eval()(images))  # what a student's teacher_path loads

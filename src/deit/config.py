@@ -52,7 +52,7 @@ class AugmentConfig:
     mix_prob: float = 1.0  # probability of mixing a batch at all
     mix_switch_prob: float = 0.5  # with both on: probability of CutMix rather than Mixup
     repeated_aug: int = 1  # copies of each sampled image per epoch, each augmented anew; paper: 3
-    batched: bool = True  # in-memory data (Fashion-MNIST, CIFAR) without RandAugment / erasing: crop and flip whole
+    batched: bool = True  # in-memory data (Fashion-MNIST, CIFAR) without RandAugment: crop, flip and erase whole
     #                       batches on the device instead of image by image (same distribution, other draws)
 
 
@@ -84,6 +84,7 @@ class DistillConfig:
     teacher_path: str | None = None  # a `deit train` checkpoint, an official {'model': ...} file, a state dict
     teacher_pretrained: bool = False  # download timm's weights for teacher_model (needs the internet)
     teacher_cache_views: int | None = None  # reuse the teacher's logits on this many fixed views per image
+    #                                           (without a teacher: cycle through that many fixed views all the same)
     teacher_channels_last: bool = False  # run a CNN teacher in channels-last memory format (faster on CPU)
     pseudo_labels: str | None = None  # a `deit pseudo-label` file: stored predictions replace the online teacher
 
@@ -93,9 +94,10 @@ class RunConfig:
     output_dir: str | None = None  # checkpoints, metrics.jsonl, config.yaml; None: write nothing
     seed: int = 0
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
-    amp: str = "none"  # none | bf16 | fp16 autocast
+    amp: str = "none"  # none | bf16 | fp16 autocast | auto (bf16 where the hardware computes it natively, else none)
     resume: str | None = None  # a checkpoint to continue from, or "auto" for output_dir's latest
     eval_teacher: bool = True  # also report the teacher's accuracy on the validation set
+    eval_interval: int = 1  # evaluate every this many epochs, and always after the last one
     progress: bool = True  # show a progress bar
     checkpoint_steps: int | None = None  # also write checkpoint.pth every this many optimizer steps
     tensorboard: str | None = None  # also log every step and epoch to TensorBoard event files in this folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,8 @@ from deit.models import VisionTransformer, fuse_heads
 from deit.optim import set_lr
 from deit.rng import seed_step
 
+log = logging.getLogger("deit")
+
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -31,8 +34,13 @@ class Precision:
 
     @classmethod
     def resolve(cls, amp: str, device: torch.device) -> Precision:
+        """``auto`` is bf16 where the device computes it natively, else fp32 (bf16 emulated is several times slower)."""
+        if amp == "auto":
+            amp = "bf16" if native_bf16(device) else "none"
         if amp not in AMP_DTYPES:
-            raise ValueError(f"unknown precision {amp!r}; choose one of {sorted(AMP_DTYPES)}")
+            raise ValueError(f"unknown precision {amp!r}; choose one of {sorted(AMP_DTYPES)} or auto")
+        if amp == "bf16" and not native_bf16(device):
+            log.warning("bf16 on this %s is emulated, and slower than fp32: --amp auto picks fp32 here", device.type)
         return cls(device.type, AMP_DTYPES[amp])
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -44,6 +52,13 @@ class Precision:
         if self.dtype is None:
             return f"fp32 on {self.device_type}"
         return f"{str(self.dtype).removeprefix('torch.')} autocast on {self.device_type}"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run in hardware: CUDA from Ampere on, CPUs with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class NonFiniteLossError(FloatingPointError):

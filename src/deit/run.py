@@ -180,7 +180,7 @@ def _cached(teacher: Teacher, config: TrainConfig, data: DataBundle) -> TeacherC
     """The teacher behind a cache of its logits per (image, view); see deit.teacher_cache for when it applies."""
     problems = []
     if data.batch_transform is None:
-        problems.append("in-memory data with the plain recipe (no RandAugment / Random Erasing, native size)")
+        problems.append("in-memory data at its native size without RandAugment (whole-batch augmentation)")
     if config.augment.mixup > 0 or config.augment.cutmix > 0:
         problems.append("no Mixup / CutMix (the teacher must see the mixed image)")
     if config.augment.repeated_aug > 1:
@@ -271,6 +271,10 @@ def _build_data(config: TrainConfig, layout: Distributed, device: torch.device) 
 def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     """Data, model, teacher, loss and optimizer for ``config``; the teacher is checked here, before any step."""
     layout = layout or Distributed()
+    if config.run.eval_interval < 1:
+        raise RunError(
+            f"run.eval_interval must be at least 1 (epochs between evaluations), got {config.run.eval_interval}"
+        )
     device = resolve_device(config.run.device, layout)
     precision = Precision.resolve(config.run.amp, device)
     seed_everything(config.run.seed)  # the same initial weights on every process

@@ -80,7 +80,7 @@ def _fit(config: TrainConfig, layout: Distributed, stop: StopRequest) -> TrainRe
 
 
 def _train(run: Run, progress: Progress, logs: RunLogs, stop: StopRequest, started: float) -> TrainResult:
-    config, layout = run.config, run.layout
+    config = run.config
     logs.start(config, progress, first_step=progress.epoch * run.steps_per_epoch + progress.epoch_step)
     teacher_metrics = _evaluate_teacher(run)
     guard = RunGuard(run, progress, logs, stop)
@@ -88,20 +88,8 @@ def _train(run: Run, progress: Progress, logs: RunLogs, stop: StopRequest, start
         record = _train_epoch(run, epoch, progress, guard)
         if record is None:  # stopped by a signal inside the epoch; the guard saved the checkpoint
             raise RunInterrupted(stop.signal_number or 15, logs.checkpoint_name)
-        record["val"] = evaluate(
-            run.model,
-            run.data.val_loader,
-            device=run.device,
-            precision=run.precision,
-            progress=config.run.progress and layout.is_main,
-            reduce=layout.sum,
-        )
-        if run.ema is not None:
-            record["val_ema"] = evaluate(
-                run.ema.module, run.data.val_loader, device=run.device, precision=run.precision, reduce=layout.sum
-            )
-        if teacher_metrics is not None:
-            record["teacher"] = teacher_metrics
+        if _evaluates(epoch, config.optim.epochs, config.run.eval_interval):
+            _evaluate_epoch(run, record, teacher_metrics)
         _end_epoch(run, progress, record, logs)
         if guard.stop_agreed():
             raise RunInterrupted(stop.signal_number or 15, logs.checkpoint_name)
@@ -109,6 +97,29 @@ def _train(run: Run, progress: Progress, logs: RunLogs, stop: StopRequest, start
     return TrainResult(
         logs.out, final, progress.best_acc1, teacher_metrics, progress.history, time.perf_counter() - started, run.model
     )
+
+
+def _evaluates(epoch: int, epochs: int, interval: int) -> bool:
+    """Whether epoch ``epoch`` (from 0) ends with an evaluation: every ``interval`` epochs, and the last."""
+    return (epoch + 1) % interval == 0 or epoch + 1 == epochs
+
+
+def _evaluate_epoch(run: Run, record: dict[str, Any], teacher_metrics: dict[str, float] | None) -> None:
+    config, layout = run.config, run.layout
+    record["val"] = evaluate(
+        run.model,
+        run.data.val_loader,
+        device=run.device,
+        precision=run.precision,
+        progress=config.run.progress and layout.is_main,
+        reduce=layout.sum,
+    )
+    if run.ema is not None:
+        record["val_ema"] = evaluate(
+            run.ema.module, run.data.val_loader, device=run.device, precision=run.precision, reduce=layout.sum
+        )
+    if teacher_metrics is not None:
+        record["teacher"] = teacher_metrics
 
 
 def _output_dir(config: TrainConfig, layout: Distributed) -> Path | None:
@@ -201,18 +212,14 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, guard: RunGuard) -> d
 
 def _end_epoch(run: Run, progress: Progress, record: dict[str, Any], logs: RunLogs) -> None:
     progress.history.append(record)
-    improved = record["val"]["acc1"] > progress.best_acc1
-    progress.best_acc1 = max(progress.best_acc1, record["val"]["acc1"])
     progress.epoch, progress.epoch_step, progress.meter = record["epoch"], 0, EpochMeter()
-    log.info(
-        "epoch %d/%d: train loss %.4f, val top-1 %.2f%% (best %.2f%%), %.0f im/s",
-        record["epoch"],
-        run.config.optim.epochs,
-        record["train"]["loss"],
-        record["val"]["acc1"],
-        progress.best_acc1,
-        record["train"]["images_per_sec"],
-    )
+    epoch_line = f"epoch {record['epoch']}/{run.config.optim.epochs}: train loss {record['train']['loss']:.4f}"
+    improved = False
+    if "val" in record:  # not every epoch is evaluated with --eval-interval
+        improved = record["val"]["acc1"] > progress.best_acc1
+        progress.best_acc1 = max(progress.best_acc1, record["val"]["acc1"])
+        epoch_line += f", val top-1 {record['val']['acc1']:.2f}% (best {progress.best_acc1:.2f}%)"
+    log.info("%s, %.0f im/s", epoch_line, record["train"]["images_per_sec"])
     logs.epoch(record)
     logs.checkpoint(run, progress, best=improved)
 

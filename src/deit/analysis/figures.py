@@ -77,11 +77,18 @@ def curves_figure(runs: dict[str, list[dict]]) -> Figure:
         epochs = [record["epoch"] for record in records]
         loss_axes.plot(epochs, [record["train"]["loss"] for record in records], marker=".", label=name)
         lr_axes.plot(epochs, [record["train"]["lr"] for record in records], marker=".", label=name)
-        heads = [key for key in ("acc1", "cls_acc1", "dist_acc1") if key in records[-1]["val"]]
+        evaluated = [record for record in records if "val" in record]  # runs with --eval-interval skip epochs
+        heads = [key for key in ("acc1", "cls_acc1", "dist_acc1") if evaluated and key in evaluated[-1]["val"]]
         for key in heads:
             style = {"acc1": "-", "cls_acc1": "--", "dist_acc1": ":"}[key]
             label = f"{name} {key.removesuffix('acc1').rstrip('_') or 'prediction'}"
-            acc_axes.plot(epochs, [record["val"][key] for record in records], style, marker=".", label=label)
+            acc_axes.plot(
+                [record["epoch"] for record in evaluated],
+                [record["val"][key] for record in evaluated],
+                style,
+                marker=".",
+                label=label,
+            )
     for axes, title in (
         (loss_axes, "train loss"),
         (lr_axes, "learning rate (end of epoch)"),

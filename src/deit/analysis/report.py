@@ -55,8 +55,9 @@ def build_report(run_dir: str | Path, analysis_dir: str | Path | None = None) ->
     run = Path(run_dir)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     parts = [f"<h1>deit run: {html.escape(run.name)}</h1>"]
-    if records:
-        parts += [f"<h2>After epoch {records[-1]['epoch']}</h2>", _final_metrics(records[-1])]
+    evaluated = [record for record in records if "val" in record]  # --eval-interval skips some epochs
+    if evaluated:
+        parts += [f"<h2>After epoch {evaluated[-1]['epoch']}</h2>", _final_metrics(evaluated[-1])]
         parts += [
             "<h2>Training curves</h2>",
             f'<img alt="curves" src="{_figure_uri(figures.curves_figure({run.name: records}))}">',

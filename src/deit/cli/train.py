@@ -121,9 +121,10 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
         "also write checkpoint.pth every this many optimizer steps (exact resume inside an epoch)",
     ),
     ("--seed", "run.seed", int, "random seed"),
+    ("--eval-interval", "run.eval_interval", int, "evaluate every N epochs (and after the last)"),
     ("--tensorboard", "run.tensorboard", str, "also log steps and epochs to TensorBoard in this folder"),
     ("--device", "run.device", str, "auto, cpu, cuda, cuda:N"),
-    ("--amp", "run.amp", str, "autocast precision: none, bf16, fp16"),
+    ("--amp", "run.amp", str, "autocast precision: none, bf16, fp16, auto (bf16 where native, else fp32)"),
 ]
 TRAIN_SWITCHES = [
     ("--teacher-pretrained", "distill.teacher_pretrained", True, "download timm's weights for --teacher-model"),

@@ -120,7 +120,9 @@ def build_data(
     if batched and _can_batch(train_set, size, info, rand_augment, random_erasing):
         # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
         images, labels = _in_memory(train_set)
-        batch_transform = BatchAugment(info.mean, info.std, padding=max(1, size // 8), hflip=hflip)
+        batch_transform = BatchAugment(
+            info.mean, info.std, padding=max(1, size // 8), hflip=hflip, random_erasing=random_erasing
+        )
         train_loader = DataLoader(
             InMemoryBatches(images, labels), batch_size=batch_size, sampler=sampler, drop_last=True,
             collate_fn=whole_batch, num_workers=num_workers, pin_memory=pin_memory,
@@ -186,8 +188,8 @@ def _training_pool(
 
 def _can_batch(dataset: Dataset, size: int, info: DatasetInfo, rand_augment: str | None, erasing: float) -> bool:
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    plain_recipe = rand_augment is None and erasing == 0  # RandAugment and Random Erasing work per image
-    return isinstance(base, TensorImageDataset) and plain_recipe and size == info.native_size
+    # RandAugment works per image, on PIL images; crop, flip and Random Erasing have whole-batch versions
+    return isinstance(base, TensorImageDataset) and rand_augment is None and size == info.native_size
 
 
 def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

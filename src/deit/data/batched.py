@@ -10,12 +10,13 @@ Each image's crop offset and flip come from its own seed (the sampler's
 per-position seed), through a small counter-based generator evaluated for
 the whole batch at once, so the result does not depend on the batch, the
 process or the device: resume and multi-process runs stay exact. It covers
-the small-image recipe (pad-crop, flip); RandAugment and Random Erasing use
+the small-image recipe (pad-crop, flip) and Random Erasing; RandAugment uses
 the per-image pipeline.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,18 @@ def uniform_draws(seeds: torch.Tensor, count: int) -> torch.Tensor:
         state = (state * _MULTIPLIER).remainder(_MODULUS)
         draws.append(state.double() / _MODULUS)
     return torch.stack(draws[1:], dim=1)
+
+
+def hashed_normals(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count) standard normals, the i-th a hash of (seed, i): per-image noise that needs no generator state."""
+    counters = seeds[:, None].remainder(2**31) * (2 * count) + torch.arange(2 * count, device=seeds.device)
+    bits = counters & 0xFFFFFFFF
+    for _ in range(3):  # an xor-shift-multiply mixer; 32-bit values times a 27-bit constant stay inside int64
+        bits = ((bits ^ (bits >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    bits = bits ^ (bits >> 16)
+    uniform = (bits.double() + 0.5) / 2**32  # (B, 2 count) in (0, 1)
+    radius = torch.sqrt(-2 * torch.log(uniform[:, :count]))
+    return (radius * torch.cos(2 * math.pi * uniform[:, count:])).float()  # Box–Muller
 
 
 class InMemoryBatches(Dataset):
@@ -61,19 +74,32 @@ def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
+# Random Erasing's box, as timm draws it: area 2-33 % of the image, aspect ratio 0.3-3.3 (log-uniform),
+# up to 10 tries for a box that fits
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+ERASE_TRIES = 10
+_CROP_DRAWS = 3  # row offset, column offset, flip
+
+
 @dataclass(frozen=True)
 class BatchAugment:
-    """Random crop with zero padding, horizontal flip and normalisation of a uint8 batch, per-image seeded."""
+    """Random crop with zero padding, horizontal flip, normalisation and Random Erasing of a uint8 batch.
+
+    Every random choice is drawn from the image's own seed.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     padding: int
     hflip: float = 0.5
+    random_erasing: float = 0.0  # probability of one erased box of normal noise per image (timm's "pixel" mode)
 
     def __call__(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) and int64 seeds (B,) -> normalised float (B, C, H, W)."""
         batch, channels, height, width = images.shape
-        draws = uniform_draws(seeds.to(images.device), 3)  # (B, 3): row offset, column offset, flip
+        seeds = seeds.to(images.device)
+        draws = uniform_draws(seeds, _CROP_DRAWS + (1 + 4 * ERASE_TRIES if self.random_erasing > 0 else 0))
         span = 2 * self.padding + 1
         rows = (draws[:, 0] * span).long().clamp(max=span - 1)[:, None] + torch.arange(height, device=images.device)
         cols = (draws[:, 1] * span).long().clamp(max=span - 1)[:, None] + torch.arange(width, device=images.device)
@@ -84,4 +110,29 @@ class BatchAugment:
         out = picked.permute(0, 3, 1, 2).float().div_(255)  # (B, H, W, C) -> (B, C, H, W)
         mean = torch.tensor(self.mean, device=images.device).view(1, channels, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, channels, 1, 1)
-        return out.sub_(mean).div_(std)
+        out = out.sub_(mean).div_(std)
+        if self.random_erasing > 0:
+            out = self._erase(out, seeds, draws[:, _CROP_DRAWS:])
+        return out
+
+    def _erase(self, images: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Replace one box per chosen image with normal noise; ``draws`` (B, 1 + 4 tries) are the image's uniforms."""
+        batch, channels, height, width = images.shape
+        tries = draws[:, 1:].double().view(batch, ERASE_TRIES, 4)  # area, aspect, top, left
+        area = height * width * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * tries[..., 0])
+        aspect = torch.exp(ERASE_LOG_ASPECT[0] + (ERASE_LOG_ASPECT[1] - ERASE_LOG_ASPECT[0]) * tries[..., 1])
+        box_h = torch.sqrt(area * aspect).round().long()  # (B, tries)
+        box_w = torch.sqrt(area / aspect).round().long()
+        fits = (box_h < height) & (box_w < width)
+        first = fits.long().argmax(dim=1, keepdim=True)  # the first try that fits, as timm's loop takes it
+        erase = (draws[:, 0] < self.random_erasing) & fits.any(dim=1)
+        box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
+        top = (tries[..., 2].gather(1, first)[:, 0] * (height - box_h + 1)).long()
+        left = (tries[..., 3].gather(1, first)[:, 0] * (width - box_w + 1)).long()
+        rows = torch.arange(height, device=images.device)[None, :]
+        cols = torch.arange(width, device=images.device)[None, :]
+        inside_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (B, H)
+        inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (B, W)
+        box = (inside_rows[:, :, None] & inside_cols[:, None, :] & erase[:, None, None])[:, None]  # (B, 1, H, W)
+        noise = hashed_normals(seeds, channels * height * width).view_as(images)
+        return torch.where(box, noise, images)

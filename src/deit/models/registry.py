@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deit.models.cnn import SMALL_RESNETS, create_small_resnet
 from deit.models.pos_embed import load_adapted
 from deit.models.vit import VisionTransformer, ViTConfig
 
@@ -66,8 +67,8 @@ _FIXED_SIZE_FAMILIES = ("vit", "deit", "cait", "beit", "eva", "swin", "xcit", "l
 
 
 def list_models(pattern: str = "") -> list[str]:
-    """Names of our own variants that contain ``pattern``."""
-    return sorted(name for name in VARIANTS if pattern in name)
+    """Names of our own models (transformers and small-image CNNs) that contain ``pattern``."""
+    return sorted(name for name in [*VARIANTS, *SMALL_RESNETS] if pattern in name)
 
 
 def is_deit_model(name: str) -> bool:
@@ -91,6 +92,13 @@ def create_model(
     True for the official ImageNet weights of the paper's models (downloaded, hash-checked).
     Any other name goes to ``timm.create_model`` with the same arguments.
     """
+    if name in SMALL_RESNETS:
+        if pretrained is True:
+            raise ValueError(f"{name} has no published weights: train it with `deit train --model {name}`")
+        model = create_small_resnet(name, num_classes, in_chans, **overrides)
+        if pretrained:
+            load_weights(model, pretrained)
+        return model
     if name.startswith("timm:") or name not in VARIANTS:
         return _create_timm_model(name.removeprefix("timm:"), num_classes, in_chans, img_size, pretrained, overrides)
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
