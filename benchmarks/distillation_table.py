@@ -116,7 +116,9 @@ def train_or_read(config, folder: Path) -> dict | None:
     """Train (or finish) the run in ``folder`` and return its wall minutes and metrics per epoch."""
     summary_file = folder / "summary.json"
     if summary_file.is_file():
-        return json.loads(summary_file.read_text())
+        summary = json.loads(summary_file.read_text())
+        if {"minutes", "final", "history"} <= set(summary):  # ours, not the one `deit train` writes
+            return summary
     started = time.perf_counter()
     result = fit(config)
     summary = {"minutes": (time.perf_counter() - started) / 60, "final": result.final, "history": result.history}

@@ -43,7 +43,17 @@ def test_a_training_step_updates_the_weights_and_the_teacher_share_is_reported(m
         **FAST,
     )  # fmt: skip
     assert changed and all(changed)
-    assert result.mode == "train + teacher resnet10t" and 0 <= result.teacher_share < 1
+    assert result.mode == "train + teacher resnet10t"
+
+
+def test_the_teacher_share_is_the_part_of_a_step_the_teacher_adds(monkeypatch):
+    timings = iter([3.0, 4.0])  # the student's step alone, then with the teacher: a quarter is the teacher's
+    monkeypatch.setattr(deit.benchmark, "_timed", lambda *args: next(timings))
+    result = measure_throughput(
+        "deit_pico_distilled_patch4_28", batch_size=4, input_size=28, num_classes=10, train=True, teacher="resnet10t",
+        **FAST,
+    )  # fmt: skip
+    assert result.teacher_share == pytest.approx(0.25)
 
 
 def test_cli_prints_one_row_per_model_and_dtype(capsys):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
+import yaml
 
 from deit.config import (
+    ALLOWED,
     ConfigError,
     TrainConfig,
     config_from_dict,
@@ -15,6 +18,7 @@ from deit.config import (
     load_config,
     parse_assignment,
     save_config,
+    validate,
     with_overrides,
 )
 from deit.models import is_deit_model
@@ -206,3 +210,101 @@ def test_bundled_presets_load():
     assert not is_deit_model(teacher.model.name)  # a timm CNN
     base = with_overrides(TrainConfig(), {"run.seed": 7})
     assert load_config("fashion_mnist", base).run.seed == 7  # a preset only replaces what it names
+
+
+# --- ranges -----------------------------------------------------------------------------------------------
+
+# one value outside the range of every limited setting (the CLI, a YAML file and --set must all refuse it)
+OUT_OF_RANGE = {
+    "model.drop_path": 1.0,
+    "model.dropout": -0.1,
+    "model.attn_impl": "flash",
+    "model.eval_output": "both",
+    "data.input_size": 4,
+    "data.in_chans": 2,
+    "data.train_subset": 0,
+    "data.num_workers": -1,
+    "data.bad_files": "ignore",
+    "data.label_fraction": 0.0,
+    "data.unlabeled_ratio": 1.0,
+    "augment.hflip": 1.5,
+    "augment.random_erasing": -0.25,
+    "augment.mixup": -0.8,
+    "augment.cutmix": -1.0,
+    "augment.mix_prob": 2.0,
+    "augment.mix_switch_prob": -0.5,
+    "augment.repeated_aug": 0,
+    "optim.epochs": -3,
+    "optim.batch_size": 0,
+    "optim.lr": -1.0,
+    "optim.min_lr": -1e-5,
+    "optim.warmup_lr": -1e-6,
+    "optim.warmup_epochs": -1.0,
+    "optim.weight_decay": -0.05,
+    "optim.betas": [0.9, 1.0],
+    "optim.eps": 0.0,
+    "optim.label_smoothing": 1.5,
+    "optim.clip_grad": 0.0,
+    "optim.accum_steps": 0,
+    "optim.ema_decay": 1.0,
+    "distill.type": "medium",
+    "distill.alpha": 1.5,
+    "distill.tau": 0.0,
+    "distill.kl_reduction": "mean",
+    "distill.teacher_cache_views": 0,
+    "run.seed": -1,
+    "run.amp": "fp8",
+    "run.checkpoint_steps": 0,
+    "run.eval_interval": 0,
+    "run.log_interval": 0,
+}
+
+
+def test_every_numeric_setting_has_a_range():
+    numeric = {
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(TrainConfig)
+        for f in dataclasses.fields(section.default_factory())
+        if any(kind in str(f.type) for kind in ("int", "float"))
+    }
+    assert numeric <= set(ALLOWED) and set(ALLOWED) == set(OUT_OF_RANGE)
+
+
+def test_defaults_and_presets_are_in_range():
+    validate(TrainConfig())
+    for name in list_presets():
+        load_config(name)  # validated as it is built
+
+
+def _flag_for(key: str) -> str | None:
+    from deit.cli.train import TRAIN_FLAGS
+
+    return next((flag for flag, flag_key, _, _ in TRAIN_FLAGS if flag_key == key), None)
+
+
+@pytest.mark.parametrize("key", sorted(OUT_OF_RANGE))
+def test_out_of_range_values_are_refused_from_the_cli_yaml_and_set(key, tmp_path):
+    from deit.cli import build_parser, train_config_from_args
+
+    value = OUT_OF_RANGE[key]
+    message = rf"{key} = .* is out of range: it must be "
+    section, _, name = key.partition(".")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({section: {name: value}}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    text = value if isinstance(value, str) else json.dumps(value)
+    with pytest.raises(ConfigError, match=message):
+        train_config_from_args(build_parser().parse_args(["train", "--set", f"{key}={text}"]))
+    flag = _flag_for(key)
+    if flag is not None:
+        with pytest.raises(ConfigError, match=message):
+            train_config_from_args(build_parser().parse_args(["train", f"{flag}={value}"]))
+
+
+def test_the_cli_reports_a_bad_value_in_one_line_with_exit_code_2(capsys):
+    from deit.cli import main
+
+    assert main(["train", "--epochs", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.epochs = -3 is out of range: it must be >= 1" in err and "Traceback" not in err

@@ -245,3 +245,21 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(native, monk
     assert ("emulated" in caplog.text) is not native
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
     assert Precision.resolve("auto", torch.device("cuda")).dtype == torch.bfloat16
+
+
+def test_progress_in_a_log_file_is_a_line_every_few_steps(caplog, capsys):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,))), batch_size=4)  # 10 steps
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("INFO", logger="deit"):  # under pytest stderr is captured, so not a terminal
+        train_one_epoch(model, DistillationLoss("none"), loader, optimizer, lr_at=lambda step: 0.1, first_step=0,
+                        device=CPU, precision=FP32, progress=True, log_interval=4, description="epoch 1/1")  # fmt: skip
+    lines = [record.getMessage() for record in caplog.records if "step" in record.getMessage()]
+    assert [line.split(",")[0] for line in lines] == [
+        "epoch 1/1 step 4/10",
+        "epoch 1/1 step 8/10",
+        "epoch 1/1 step 10/10",
+    ]
+    assert all("im/s" in line and "loss" in line and "left" in line for line in lines)
+    assert "\r" not in capsys.readouterr().err  # no bar frames

@@ -210,8 +210,8 @@ def test_kills_while_saving_always_leave_a_loadable_checkpoint(tmp_path):
         state = load_checkpoint(path)  # never torn: an old or a new version, whole
         assert torch.equal(state["weights"], torch.full((500_000,), float(state["version"])))
         assert state["version"] >= 0
-        last_seen = state["version"]
-    assert last_seen >= 0
+        last_seen = max(last_seen, state["version"])
+    assert last_seen >= 1  # the kills landed after several saves, not only around the first one
     save_checkpoint({"version": 99, "weights": torch.zeros(1)}, path)  # leftovers of killed saves are cleared
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
 

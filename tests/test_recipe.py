@@ -134,7 +134,8 @@ def test_processes_share_one_global_order_with_the_same_seeds(world):
     single = list(EpochSampler(120, seed=7))
     shards = [list(EpochSampler(120, num_replicas=world, rank=r, seed=7)) for r in range(world)]
     merged = [shards[position % world][position // world] for position in range(len(shards[0]) * world)]
-    assert merged == single[: len(merged)]
+    assert len(merged) == len(single) == 120  # 120 splits evenly over 1, 2 and 3 processes: nothing dropped
+    assert merged == single
 
 
 def test_resuming_inside_an_epoch_skips_exactly_the_samples_seen():

@@ -98,7 +98,8 @@ class RunConfig:
     resume: str | None = None  # a checkpoint to continue from, or "auto" for output_dir's latest
     eval_teacher: bool = True  # also report the teacher's accuracy on the validation set
     eval_interval: int = 1  # evaluate every this many epochs, and always after the last one
-    progress: bool = True  # show a progress bar
+    progress: bool = True  # a progress bar on a terminal; in a log file, a line every log_interval steps
+    log_interval: int = 50  # optimizer steps between progress lines when stderr is not a terminal
     checkpoint_steps: int | None = None  # also write checkpoint.pth every this many optimizer steps
     tensorboard: str | None = None  # also log every step and epoch to TensorBoard event files in this folder
     compile: str | None = None  # torch.compile the student and the teacher with this backend (inductor)
@@ -116,6 +117,95 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """An unknown key or a value of the wrong type in a config file or override."""
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a setting may take: a numeric interval, a set of names, or both kinds of check off."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+    choices: tuple[str | int, ...] = ()
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        if self.choices:
+            return f"one of {', '.join(map(str, self.choices))}"
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+PROBABILITY = Allowed(0, 1)
+POSITIVE = Allowed(0, low_open=True)
+AT_LEAST_ONE = Allowed(1)
+NON_NEGATIVE = Allowed(0)
+# Every setting with a limited range; a config outside them is refused when it is built (None is always
+# allowed where the field is optional: it means "off" or "default").
+ALLOWED: dict[str, Allowed] = {
+    "model.drop_path": Allowed(0, 1, high_open=True),
+    "model.dropout": Allowed(0, 1, high_open=True),
+    "model.attn_impl": Allowed(choices=("sdpa", "math")),
+    "model.eval_output": Allowed(choices=("avg_logits", "softmax_sum", "cls", "dist")),
+    "data.input_size": Allowed(8),
+    "data.in_chans": Allowed(choices=(1, 3)),
+    "data.train_subset": AT_LEAST_ONE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.bad_files": Allowed(choices=("error", "skip")),
+    "data.label_fraction": Allowed(0, 1, low_open=True),
+    "data.unlabeled_ratio": Allowed(0, 1, high_open=True),
+    "augment.hflip": PROBABILITY,
+    "augment.random_erasing": PROBABILITY,
+    "augment.mixup": NON_NEGATIVE,
+    "augment.cutmix": NON_NEGATIVE,
+    "augment.mix_prob": PROBABILITY,
+    "augment.mix_switch_prob": PROBABILITY,
+    "augment.repeated_aug": AT_LEAST_ONE,
+    "optim.epochs": AT_LEAST_ONE,
+    "optim.batch_size": AT_LEAST_ONE,
+    "optim.lr": POSITIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.warmup_lr": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.betas": Allowed(0, 1, high_open=True),  # each of the two
+    "optim.eps": POSITIVE,
+    "optim.label_smoothing": Allowed(0, 1, high_open=True),
+    "optim.clip_grad": POSITIVE,
+    "optim.accum_steps": AT_LEAST_ONE,
+    "optim.ema_decay": Allowed(0, 1, low_open=True, high_open=True),
+    "distill.type": Allowed(choices=("none", "soft", "hard")),
+    "distill.alpha": PROBABILITY,
+    "distill.tau": POSITIVE,
+    "distill.kl_reduction": Allowed(choices=("batchmean", "official")),
+    "distill.teacher_cache_views": AT_LEAST_ONE,
+    "run.seed": NON_NEGATIVE,
+    "run.amp": Allowed(choices=("none", "bf16", "fp16", "auto")),
+    "run.checkpoint_steps": AT_LEAST_ONE,
+    "run.eval_interval": AT_LEAST_ONE,
+    "run.log_interval": AT_LEAST_ONE,
+}
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """``config`` itself if every setting is in its range; else a ConfigError naming the key, value and range."""
+    for key, allowed in ALLOWED.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(config, section), name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(v is not None and not allowed.accepts(v) for v in values):
+            raise ConfigError(f"{key} = {value!r} is out of range: it must be {allowed.describe()}")
+    return config
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -158,8 +248,11 @@ def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfi
         if key not in fields:
             raise ConfigError(f"unknown config key {dotted!r}; {section} has {sorted(fields)}")
         replacements.setdefault(section, {})[key] = _coerce(dotted, value, getattr(current, key), fields[key].type)
-    return dataclasses.replace(
-        config, **{section: dataclasses.replace(getattr(config, section), **kv) for section, kv in replacements.items()}
+    return validate(
+        dataclasses.replace(
+            config,
+            **{section: dataclasses.replace(getattr(config, section), **kv) for section, kv in replacements.items()},
+        )
     )
 
 

@@ -18,6 +18,7 @@ from deit.ema import ModelEma
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, fuse_heads
 from deit.optim import set_lr
+from deit.progress import StepProgress, on_terminal
 from deit.rng import seed_step
 
 log = logging.getLogger("deit")
@@ -134,6 +135,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
     progress: bool = False,
+    log_interval: int = 50,
     description: str = "train",
     steps: int | None = None,
     meter: EpochMeter | None = None,
@@ -161,7 +163,8 @@ def train_one_epoch(
         steps = len(loader) // accum_steps  # type: ignore[arg-type]
     start = time.perf_counter()
     images_before = meter.images
-    bar = tqdm(total=steps * accum_steps, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    # a bar on a terminal; in a log file, a line every log_interval optimizer steps
+    report = StepProgress(steps, description, enabled=progress, log_interval=log_interval)
     batches = iter(loader)
     step_loss = 0.0
     for offset in range(steps * accum_steps):
@@ -176,19 +179,17 @@ def train_one_epoch(
             scaled = losses["loss"] / accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         meter.add(losses, images.shape[0])
-        bar.update()
         if last_micro:
             meter.lr = lr_at(step)
             _optimizer_step(model, optimizer, meter.lr, scaler, clip_grad)
             if ema is not None:
                 ema.update(_unwrap(model))
-            if progress:
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{meter.lr:.2e}", refresh=False)
+            report.update(images.shape[0] * accum_steps, loss=step_loss, lr=meter.lr)
             stop = guard.after_step(step, step_loss, meter.lr)
             step_loss = 0.0
             if stop:
                 break
-    bar.close()
+    report.close()
     elapsed = time.perf_counter() - start
     metrics = meter.means()
     rate = (meter.images - images_before) / max(elapsed, 1e-9)
@@ -308,7 +309,8 @@ def evaluate(
     correct: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=device)
     count = 0
-    for images, targets in tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True):
+    bar = tqdm(loader, desc=description, disable=not (progress and on_terminal()), leave=False, dynamic_ncols=True)
+    for images, targets in bar:  # no bar in a log file: an evaluation is short
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast():

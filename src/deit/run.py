@@ -271,10 +271,6 @@ def _build_data(config: TrainConfig, layout: Distributed, device: torch.device) 
 def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     """Data, model, teacher, loss and optimizer for ``config``; the teacher is checked here, before any step."""
     layout = layout or Distributed()
-    if config.run.eval_interval < 1:
-        raise RunError(
-            f"run.eval_interval must be at least 1 (epochs between evaluations), got {config.run.eval_interval}"
-        )
     device = resolve_device(config.run.device, layout)
     precision = Precision.resolve(config.run.amp, device)
     seed_everything(config.run.seed)  # the same initial weights on every process

@@ -191,6 +191,7 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, guard: RunGuard) -> d
         scaler=run.scaler,
         clip_grad=config.optim.clip_grad,
         progress=config.run.progress and run.layout.is_main,
+        log_interval=config.run.log_interval,
         description=f"epoch {epoch + 1}/{config.optim.epochs}",
         meter=progress.meter,
         guard=guard,

@@ -122,6 +122,7 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ),
     ("--seed", "run.seed", int, "random seed"),
     ("--eval-interval", "run.eval_interval", int, "evaluate every N epochs (and after the last)"),
+    ("--log-interval", "run.log_interval", int, "steps between progress lines when stderr is not a terminal"),
     ("--tensorboard", "run.tensorboard", str, "also log steps and epochs to TensorBoard in this folder"),
     ("--device", "run.device", str, "auto, cpu, cuda, cuda:N"),
     ("--amp", "run.amp", str, "autocast precision: none, bf16, fp16, auto (bf16 where native, else fp32)"),

@@ -1,0 +1,208 @@
+"""Which teacher teaches best? The paper's Tables 2–3 claims, measured on Fashion-MNIST.
+
+The same DeiT⚗ student (class + distillation tokens, hard distillation, the distillation table's data-limited
+budget) learns from:
+
+* CNN teachers of three strengths: the small-image ResNet trained for 1, 3 and 10 epochs;
+* a transformer teacher: a DeiT without distillation trained here on all 60,000 images, whose accuracy falls
+  within a point of one of the CNN teachers, so that the two can be compared at equal accuracy.
+
+It also writes the agreement table of the distillation table's main run (`deit analyze`): does the distilled
+student agree more with its CNN teacher than the undistilled student does?
+
+    python benchmarks/teacher_study.py                     # after benchmarks/distillation_table.py
+
+Teachers live under --teacher-dir and students under --work-dir; finished runs are read, not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distillation_table import DISTILLED_STUDENT, RUNS, commit, late_movement, mean_std, student_config, train_or_read
+
+from deit.config import load_config, with_overrides
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    key: str
+    description: str
+    kind: str  # "CNN" or "transformer"
+    preset: str
+    overrides: dict = field(default_factory=dict)
+
+
+CNN_PRESET = "fashion_mnist_teacher_strong"
+TEACHERS = (
+    TeacherSpec("cnn_1_epoch", "small-image ResNet-8, 1 epoch", "CNN", CNN_PRESET, {"optim.epochs": 1}),
+    TeacherSpec("cnn_3_epochs", "small-image ResNet-8, 3 epochs", "CNN", CNN_PRESET, {"optim.epochs": 3}),
+    TeacherSpec("cnn_10_epochs", "small-image ResNet-8, 10 epochs (the table's teacher)", "CNN", CNN_PRESET),
+    TeacherSpec(
+        "deit_nano_8_epochs",
+        "DeiT-nano/7 without distillation, 8 epochs",
+        "transformer",
+        "fashion_mnist",
+        {"model.name": "deit_nano_patch7_28", "optim.epochs": 8, "optim.warmup_epochs": 1},
+    ),
+)  # fmt: skip
+TABLE_TEACHER = "cnn_10_epochs"  # trained by the distillation table at runs/teachers/<preset>/seed0
+EQUAL_ACCURACY = 1.0  # points: two teachers this close count as equally accurate
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-subset", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--eval-interval", type=int, default=2)
+    parser.add_argument("--views", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=2, help="student seeds per teacher")
+    parser.add_argument("--teacher-root", default="runs/teachers")
+    parser.add_argument("--table-dir", default="runs/distillation_table", help="the distillation table's runs")
+    parser.add_argument("--work-dir", default="runs/teacher_study")
+    parser.add_argument("--output", default="benchmarks/results/teacher_study.md")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def teacher_folder(args: argparse.Namespace, spec: TeacherSpec) -> Path:
+    if spec.key == TABLE_TEACHER:
+        return Path(args.teacher_root) / spec.preset / "seed0"
+    return Path(args.teacher_root) / spec.key / "seed0"
+
+
+def train_teacher(args: argparse.Namespace, spec: TeacherSpec) -> dict:
+    folder = teacher_folder(args, spec)
+    config = with_overrides(
+        load_config(spec.preset),
+        {
+            **spec.overrides,
+            "run.seed": 0,
+            "run.output_dir": str(folder),
+            "run.resume": "auto",
+            "run.progress": not args.no_progress,
+        },
+    )
+    return train_or_read(config, folder)
+
+
+def train_student(args: argparse.Namespace, spec: TeacherSpec, seed: int) -> dict:
+    """The table's DeiT⚗ run, taught by ``spec``; the table's own runs are reused for its teacher."""
+    token = next(run for run in RUNS if run.key == "token")
+    work = args.table_dir if spec.key == TABLE_TEACHER else str(Path(args.work_dir) / spec.key)
+    settings = argparse.Namespace(**{**vars(args), "work_dir": work})
+    config = student_config(settings, token, seed, teacher_folder(args, spec) / "checkpoint.pth")
+    return train_or_read(config, Path(config.run.output_dir))
+
+
+def agreement(args: argparse.Namespace) -> list[str]:
+    """The agreement table of the main run (seed 0): distilled and undistilled students against the CNN teacher."""
+    from deit.analysis.analyze import analyze_checkpoint
+
+    table = Path(args.table_dir)
+    distilled, baseline = table / "token" / "seed0" / "checkpoint.pth", table / "none" / "seed0" / "checkpoint.pth"
+    teacher = teacher_folder(args, next(t for t in TEACHERS if t.key == TABLE_TEACHER)) / "checkpoint.pth"
+    if not (distilled.is_file() and baseline.is_file() and teacher.is_file()):
+        return ["The agreement table needs the distillation table's seed-0 runs: not there yet."]
+    result = analyze_checkpoint(str(distilled), str(Path(args.work_dir) / "analysis"), teacher=str(teacher),
+                                baseline=str(baseline), num_images=4)  # fmt: skip
+    names = result["agreement"]["predictors"]
+    lines = [
+        f"Agreement (% of the 10000 test images on which two predictors give the same class), "
+        f"`deit analyze --checkpoint {distilled} --teacher {teacher} --baseline {baseline}`:",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for name, row in zip(names, result["agreement"]["percent"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(f"{value:.2f}" for value in row) + " |")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    started = time.perf_counter()
+    teachers, students = {}, {}
+    for spec in TEACHERS:
+        logging.info("teacher %s", spec.key)
+        teachers[spec.key] = train_teacher(args, spec)
+    for seed in range(args.seeds):
+        for spec in TEACHERS:
+            logging.info("student seed %d from %s", seed, spec.key)
+            students.setdefault(spec.key, []).append(train_student(args, spec, seed))
+    lines = [
+        "# Which teacher teaches best (Fashion-MNIST)",
+        "",
+        f"Command: `{shlex.join(['python', 'benchmarks/teacher_study.py', *argv])}`",
+        "",
+        f"Student: `{DISTILLED_STUDENT}`, hard distillation through the class + distillation tokens, "
+        f"{args.train_subset} class-balanced training images, {args.epochs} epochs, {args.views} fixed views per image "
+        f"(the distillation table's budget); seeds 0–{args.seeds - 1}. Each teacher is trained once (seed 0) on all "
+        f"60000 images. Measured at commit {commit()}; this invocation took "
+        f"{(time.perf_counter() - started) / 60:.0f} min (finished runs are read, not retrained).",
+        "",
+        "| teacher | kind | teacher top-1 (%) | student top-1, class + distillation (%) | per seed "
+        "| student late movement |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for spec in TEACHERS:
+        runs = students[spec.key]
+        values = [run["final"]["avg_logits_acc1"] for run in runs]
+        moves = [late_movement(run["history"], "avg_logits_acc1") for run in runs]
+        lines.append(
+            f"| {spec.description} | {spec.kind} | {teachers[spec.key]['final']['acc1']:.2f} | {mean_std(values)} | "
+            f"{', '.join(f'{v:.2f}' for v in values)} | "
+            f"{', '.join(f'{move:+.2f}' for move in moves)} |"
+        )
+    lines += ["", "## Claims", "", *claims(teachers, students), "", "## Agreement", "", *agreement(args)]
+    text = "\n".join(lines) + "\n"
+    Path(args.output).write_text(text)
+    summary = {key: {"teacher": teachers[key]["final"], "students": [run["final"] for run in students[key]]}
+               for key in teachers}  # fmt: skip
+    Path(args.output).with_suffix(".json").write_text(
+        json.dumps({"argv": argv, "commit": commit(), **summary}, indent=1)
+    )
+    print(text)
+    return 0
+
+
+def claims(teachers: dict[str, dict], students: dict[str, list[dict]]) -> list[str]:
+    def teacher_acc(key: str) -> float:
+        return teachers[key]["final"]["acc1"]
+
+    def student_acc(key: str) -> float:
+        return statistics.mean(run["final"]["avg_logits_acc1"] for run in students[key])
+
+    cnns = sorted((spec.key for spec in TEACHERS if spec.kind == "CNN"), key=teacher_acc)
+    order = " < ".join(f"{student_acc(key):.2f}" for key in cnns)
+    monotone = all(student_acc(a) <= student_acc(b) for a, b in zip(cnns, cnns[1:], strict=False))
+    lines = [f"- A stronger CNN teacher gives a better student: **{'yes' if monotone else 'no'}** (students {order})"]
+    for spec in (spec for spec in TEACHERS if spec.kind == "transformer"):
+        twin = min(cnns, key=lambda key: abs(teacher_acc(key) - teacher_acc(spec.key)))
+        gap = abs(teacher_acc(twin) - teacher_acc(spec.key))
+        if gap > EQUAL_ACCURACY:
+            lines.append(
+                f"- CNN against transformer at equal accuracy: **not judged**: the closest CNN teacher ({twin}, "
+                f"{teacher_acc(twin):.2f}) is {gap:.2f} points from {spec.key} ({teacher_acc(spec.key):.2f})"
+            )
+            continue
+        better = student_acc(twin) > student_acc(spec.key)
+        lines.append(
+            f"- Of two teachers of equal accuracy ({twin} {teacher_acc(twin):.2f}, {spec.key} "
+            f"{teacher_acc(spec.key):.2f}), the CNN teaches better: **{'yes' if better else 'no'}** (students "
+            f"{student_acc(twin):.2f} vs {student_acc(spec.key):.2f})"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
