@@ -132,10 +132,10 @@ def test_load_refuses_non_dict(tmp_path):
         load_checkpoint(path)
 
 
-def test_missing_file_raises_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError):
+def test_a_missing_file_is_a_checkpoint_error_naming_it(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.pth does not exist"):
         load_checkpoint(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="missing.safetensors does not exist"):
         read_state_dict(tmp_path / "missing.safetensors")
 
 

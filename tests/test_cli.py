@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deit.cli import main
+from deit.errors import DeitError
 
 
 def test_help_lists_subcommands():
@@ -115,3 +116,33 @@ def test_none_on_the_command_line_switches_a_preset_setting_off():
     assert config.augment.rand_augment is None and config.optim.ema_decay is None
     assert config.augment.random_erasing == 0.0
     assert config.augment.mixup == preset.augment.mixup  # flags not given keep the preset's values
+
+
+def _failing_handler(monkeypatch, error: BaseException) -> None:
+    from deit.cli import train as train_cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(train_cli, "run_train", fail)
+
+
+@pytest.mark.parametrize(
+    ("error", "printed"),
+    [
+        (DeitError("optim.lr = -1 is out of range"), "optim.lr = -1 is out of range"),
+        (PermissionError(13, "Permission denied", "data/train/x.png"), "data/train/x.png"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(monkeypatch, capsys, error, printed):
+    _failing_handler(monkeypatch, error)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert printed in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bug", [ValueError("shape mismatch in an internal call"), OSError("no file named")])
+def test_internal_errors_keep_their_traceback(monkeypatch, bug):
+    _failing_handler(monkeypatch, bug)
+    with pytest.raises(type(bug)):  # not turned into "bad input": Python prints the traceback and exits 1
+        main(["train"])

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from deit.checkpoint import FORMAT
+from deit.checkpoint import FORMAT, CheckpointError
 from deit.models import create_model
 from deit.teachers import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Teacher, TeacherMismatchError, build_teacher
 
@@ -159,7 +159,7 @@ def test_weights_file_without_model_name_asks_for_teacher_model(tmp_path):
 
 
 def test_missing_teacher_file_raises(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="nowhere.pth does not exist"):
         build(CNN, str(tmp_path / "nowhere.pth"))
 
 

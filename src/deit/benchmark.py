@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deit.engine import Precision
+from deit.errors import DeitError
 from deit.models import create_model
 from deit.run import resolve_device
 
@@ -28,7 +29,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 CPU_AUTO_BATCH_LIMIT = 256  # on CPU nothing runs out of memory first: "auto" stops here
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(DeitError, ValueError):
     """A benchmark that cannot run as asked, with the reason."""
 
 

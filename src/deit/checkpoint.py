@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from deit.errors import DeitError
+
 FORMAT = "deit-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DeitError, ValueError):
     """A file that is not a checkpoint we can use, with the reason."""
 
 
@@ -118,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint or weights file (or a URL, hash-checked) without unpickling arbitrary objects."""
     path = fetch_weights(path) if is_url(path) else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     try:

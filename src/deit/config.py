@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from deit.errors import DeitError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -115,7 +117,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(DeitError, ValueError):
     """An unknown key or a value of the wrong type in a config file or override."""
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from deit.config import ConfigError
 from deit.ema import ModelEma
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, fuse_heads
@@ -39,7 +40,7 @@ class Precision:
         if amp == "auto":
             amp = "bf16" if native_bf16(device) else "none"
         if amp not in AMP_DTYPES:
-            raise ValueError(f"unknown precision {amp!r}; choose one of {sorted(AMP_DTYPES)} or auto")
+            raise ConfigError(f"unknown precision {amp!r}; choose one of {sorted(AMP_DTYPES)} or auto")
         if amp == "bf16" and not native_bf16(device):
             log.warning("bf16 on this %s is emulated, and slower than fp32: --amp auto picks fp32 here", device.type)
         return cls(device.type, AMP_DTYPES[amp])

@@ -32,6 +32,7 @@ from deit.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
+from deit.errors import DeitError
 from deit.models import EVAL_OUTPUTS, VisionTransformer, fuse_heads
 
 log = logging.getLogger("deit")
@@ -42,7 +43,7 @@ EXPORT_HEADS = ("fused", *EVAL_OUTPUTS)
 ONNX_TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(DeitError, ValueError):
     """An export that cannot be done as asked, with the reason."""
 
 

@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from deit.checkpoint import atomic_path
 from deit.data.unlabeled import UNLABELED
+from deit.errors import DeitError
 
 
-class PseudoLabelError(ValueError):
+class PseudoLabelError(DeitError, ValueError):
     """A pseudo-label file that does not fit the run's training pool."""
 
 

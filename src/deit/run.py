@@ -22,6 +22,7 @@ from deit.data.augment import build_mixup
 from deit.distributed import Distributed
 from deit.ema import ModelEma
 from deit.engine import EpochMeter, Precision
+from deit.errors import DeitError
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
@@ -33,7 +34,7 @@ from deit.teachers import InputSpec, Teacher, build_teacher
 log = logging.getLogger("deit")
 
 
-class RunError(RuntimeError):
+class RunError(DeitError, RuntimeError):
     """A run that cannot start or continue as configured; the message says why."""
 
 

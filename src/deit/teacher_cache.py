@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deit.config import ConfigError
+
 # refuse caches that would not fit comfortably in memory
 MAX_CACHE_BYTES = 4 * 2**30
 
@@ -37,8 +39,9 @@ class TeacherCache(nn.Module):
         super().__init__()
         size = num_images * views * num_classes * 4
         if size > MAX_CACHE_BYTES:
-            raise ValueError(
-                f"a teacher cache of {num_images} images x {views} views x {num_classes} classes needs "
+            raise ConfigError(
+                f"distill.teacher_cache_views: a teacher cache of {num_images} images x {views} views "
+                f"x {num_classes} classes needs "
                 f"{size / 2**30:.1f} GiB; use fewer --teacher-cache-views or the online teacher"
             )
         self.teacher = teacher

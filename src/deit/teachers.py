@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from deit.checkpoint import is_deit_checkpoint, load_checkpoint, model_from_checkpoint, read_state_dict
+from deit.config import ConfigError
+from deit.errors import DeitError
 from deit.models import create_model, is_deit_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,7 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L")
 
 
-class TeacherMismatchError(ValueError):
+class TeacherMismatchError(DeitError, ValueError):
     """The teacher cannot teach this data set (class count, class names or channels differ)."""
 
 
@@ -160,11 +162,11 @@ def load_teacher_network(
         model.load_state_dict(weights)
         return model, timm_input_spec(model, in_chans), None, f"{teacher_model} ({teacher_path})"
     if not teacher_model:
-        raise ValueError(
+        raise ConfigError(
             "distillation needs a teacher: give --teacher-path, or --teacher-model with --teacher-pretrained"
         )
     if not pretrained:
-        raise ValueError(
+        raise ConfigError(
             f"teacher {teacher_model!r} has no weights: a randomly initialised teacher teaches nothing. "
             "Give --teacher-path FILE (for example a checkpoint from `deit train --model resnet18`), "
             "or --teacher-pretrained to download timm's weights"

@@ -6,7 +6,7 @@ import argparse
 import functools
 import json
 
-from deit.benchmark import DTYPES, Throughput, largest_batch, measure_throughput
+from deit.benchmark import DTYPES, BenchmarkError, Throughput, largest_batch, measure_throughput
 from deit.run import resolve_device
 
 
@@ -35,7 +35,7 @@ def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     if args.teacher and not args.train:
-        raise ValueError("--teacher measures a distillation training step: add --train")
+        raise BenchmarkError("--teacher measures a distillation training step: add --train")
     rows = []
     for name in args.model:
         for dtype in args.dtype:

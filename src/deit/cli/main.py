@@ -24,20 +24,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from deit.benchmark import BenchmarkError
-from deit.checkpoint import CheckpointError
 from deit.cli.analysis import add_analyze_parser, add_plot_parser, add_report_parser
 from deit.cli.bench import add_benchmark_parser
 from deit.cli.semi import add_noisy_student_parser, add_pseudo_label_parser
 from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
 from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
-from deit.config import ConfigError
-from deit.data import DataError
 from deit.engine import NonFiniteLossError
-from deit.export import ExportError
+from deit.errors import DeitError
 from deit.interrupts import RunInterrupted
-from deit.teachers import TeacherMismatchError
-from deit.training import RunError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,18 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# errors that describe bad input: print the message, not a traceback
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    ExportError,
-    BenchmarkError,
-    TeacherMismatchError,
-    RunError,
-    FileNotFoundError,
-    ValueError,
-)
+def _user_error(error: BaseException) -> bool:
+    """Bad input: one of ours, or the system refusing a file the user named. Anything else is a bug."""
+    return isinstance(error, DeitError) or (isinstance(error, OSError) and error.filename is not None)
 
 
 # exit codes besides 0: 1 some inputs failed (predict, verify-data), 2 bad input or settings,
@@ -95,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except USER_ERRORS as error:
-        if args.verbose:
-            raise
+    except (DeitError, OSError) as error:
+        if args.verbose or not _user_error(error):
+            raise  # a bug keeps its traceback, and Python's exit code 1
         print(f"deit: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

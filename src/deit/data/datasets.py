@@ -20,6 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from deit.errors import DeitError
+
 log = logging.getLogger("deit")
 
 # Accepted --data-set values; CIFAR and IMNET are the official code's names (its CIFAR is CIFAR-100).
@@ -47,7 +49,7 @@ _STATS = {  # per-channel mean and std of the training images, in [0, 1]
 }
 
 
-class DataError(ValueError):
+class DataError(DeitError, ValueError):
     """The data is missing, laid out wrongly, or unreadable; the message says where."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from deit.data.datasets import DataError
 from deit.rng import derive_seed
 
 
@@ -48,7 +49,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         group = repeats * num_replicas
         if dataset_size < group:
-            raise ValueError(f"{dataset_size} images are too few for {repeats} repeats on {num_replicas} processes")
+            raise DataError(f"{dataset_size} images are too few for {repeats} repeats on {num_replicas} processes")
         self.dataset_size = dataset_size
         self.repeats = repeats
         self.num_replicas = num_replicas
@@ -116,7 +117,7 @@ class MixedEpochSampler(Sampler[tuple[int, int]]):
         self.per_batch_unlabeled = round(batch_size * unlabeled_ratio) if len(self.unlabeled) else 0
         self.per_batch_labeled = batch_size - self.per_batch_unlabeled
         if self.per_batch_labeled == 0 or len(self.labeled) == 0:
-            raise ValueError(f"batches of {batch_size} with {unlabeled_ratio:.3f} unlabelled hold no labelled image")
+            raise DataError(f"batches of {batch_size} with {unlabeled_ratio:.3f} unlabelled hold no labelled image")
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
@@ -124,7 +125,7 @@ class MixedEpochSampler(Sampler[tuple[int, int]]):
         self.start = 0
         self.batches = len(labels) // (batch_size * num_replicas)
         if self.batches == 0:
-            raise ValueError(f"{len(labels)} images do not fill one batch of {batch_size} on {num_replicas} processes")
+            raise DataError(f"{len(labels)} images do not fill one batch of {batch_size} on {num_replicas} processes")
         self.total_size = self.batches * batch_size * num_replicas
         self.num_samples = self.total_size // num_replicas
 

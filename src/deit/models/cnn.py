@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deit.errors import ModelError
+
 
 @dataclass(frozen=True)
 class SmallResNetConfig:
@@ -96,6 +98,6 @@ def create_small_resnet(
     name: str, num_classes: int, in_chans: int, drop_rate: float = 0.0, drop_path_rate: float = 0.0
 ) -> SmallResNet:
     if drop_path_rate:
-        raise ValueError(f"{name} has no stochastic depth: set model.drop_path to 0")
+        raise ModelError(f"{name} has no stochastic depth: set model.drop_path to 0")
     widths, blocks = SMALL_RESNETS[name]
     return SmallResNet(SmallResNetConfig(widths, blocks, num_classes, in_chans, drop_rate))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deit.errors import ModelError
+
 ATTENTION_IMPLS = ("sdpa", "math")
 
 
@@ -39,7 +41,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         if img_size % patch_size != 0:
-            raise ValueError(f"input size {img_size} is not a multiple of the patch size {patch_size}")
+            raise ModelError(f"input size {img_size} is not a multiple of the patch size {patch_size}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size

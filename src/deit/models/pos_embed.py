@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deit.errors import ModelError
+
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 
 
@@ -52,7 +54,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[
     notes = []
     if ("dist_token" in state) != ("dist_token" in target):
         have = "has" if "dist_token" in state else "has no"
-        raise ValueError(
+        raise ModelError(
             f"the weights {have} a distillation token and the model {'has' if 'dist_token' in target else 'has not'}; "
             "fine-tune a distilled checkpoint into a distilled model (deit_*_distilled_*) and vice versa"
         )
@@ -81,5 +83,5 @@ def load_adapted(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if key not in HEAD_KEYS or any(k in state for k in HEAD_KEYS)]
     if missing or unexpected:
-        raise ValueError(f"the weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ModelError(f"the weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     return notes

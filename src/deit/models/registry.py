@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deit.errors import ModelError
 from deit.models.cnn import SMALL_RESNETS, create_small_resnet
 from deit.models.pos_embed import load_adapted
 from deit.models.vit import VisionTransformer, ViTConfig
@@ -94,7 +95,7 @@ def create_model(
     """
     if name in SMALL_RESNETS:
         if pretrained is True:
-            raise ValueError(f"{name} has no published weights: train it with `deit train --model {name}`")
+            raise ModelError(f"{name} has no published weights: train it with `deit train --model {name}`")
         model = create_small_resnet(name, num_classes, in_chans, **overrides)
         if pretrained:
             load_weights(model, pretrained)
@@ -111,7 +112,7 @@ def create_model(
     model = VisionTransformer(config)
     if pretrained is True:
         if name not in OFFICIAL_WEIGHTS:
-            raise ValueError(
+            raise ModelError(
                 f"{name} has no published weights (those that do: {sorted(OFFICIAL_WEIGHTS)}); "
                 "pass the path of a weights file as pretrained="
             )
@@ -146,7 +147,7 @@ def _create_timm_model(
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, list(VARIANTS) + timm.list_models(), n=5)
         hint = f"; did you mean one of {close}?" if close else ""
-        raise ValueError(f"unknown model {name!r}: neither a deit variant nor a timm model{hint}")
+        raise ModelError(f"unknown model {name!r}: neither a deit variant nor a timm model{hint}")
     kwargs = dict(overrides)
     if img_size is not None and any(family in name for family in _FIXED_SIZE_FAMILIES):
         kwargs.setdefault("img_size", img_size)  # CNNs take any size and do not accept img_size
