@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from deit.checkpoint import load_checkpoint
 from deit.config import TrainConfig, save_config, with_overrides
@@ -118,3 +119,21 @@ def test_sigterm_to_torchrun_stops_both_processes_at_the_same_step(folder, teach
     assert len(state["meters"]) == 2
     last = json.loads(steps.read_text().splitlines()[-1])
     assert state["epoch"] * 6 + state["epoch_step"] == last["step"] + 1
+
+
+def test_a_cuda_run_joins_a_group_that_serves_cpu_and_cuda_tensors(monkeypatch):
+    """No GPU here: the CUDA path is checked with torch.distributed patched, not run."""
+    import torch.distributed as dist
+
+    from deit import distributed
+
+    joined = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    distributed.init_process_group(distributed.Distributed(0, 2, 0), torch.device("cuda:0"))
+    served = dict(part.split(":") for part in joined[0].split(","))
+    # the gradient all-reduce runs on CUDA tensors, the loss / count / flag sums on CPU tensors: both need a backend
+    assert served == {"cpu": "gloo", "cuda": "nccl"}
+    distributed.init_process_group(distributed.Distributed(0, 2, 0), torch.device("cpu"))
+    assert joined[1] == "gloo"

@@ -3,7 +3,11 @@
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for
 each process it starts. Without them a run is a single process and every
 helper here is a no-op, so the training code has one path for both.
-NCCL is used between GPUs, gloo between CPU processes.
+
+On GPUs the process group has two backends: NCCL for CUDA tensors (the
+gradient all-reduce) and gloo for CPU tensors (the small sums of losses,
+counts and flags, and ``gather``'s pickled objects). NCCL alone has no CPU
+collectives, so a sum of a CPU tensor would fail at the first step.
 """
 
 from __future__ import annotations
@@ -59,13 +63,18 @@ def from_environment() -> Distributed:
     return Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def backend_for(device: torch.device) -> str:
+    """gloo for CPU runs; on CUDA, NCCL for CUDA tensors and gloo for the CPU tensors some sums use."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_process_group(layout: Distributed, device: torch.device) -> None:
-    """Join the process group (once per process); NCCL on CUDA, gloo otherwise."""
+    """Join the process group (once per process) with ``backend_for(device)``."""
     if not layout.enabled or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend_for(device))
 
 
 def destroy_process_group() -> None:
