@@ -99,6 +99,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--views", type=int, default=10, help="fixed augmented views per image, for every row (the teacher cache's)"
     )
+    parser.add_argument("--random-erasing", type=float, default=0.0, help="Random Erasing probability of the students")
+    parser.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha of the students (needs --views 0)")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha of the students (needs --views 0)")
     parser.add_argument("--eval-interval", type=int, default=2, help="evaluate students every N epochs")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per student row")
     parser.add_argument("--teacher-seeds", type=int, default=2, help="teachers trained for the teacher row")
@@ -146,6 +149,9 @@ def student_config(args: argparse.Namespace, run: Run, seed: int, teacher: Path)
             # every row, the undistilled one too, cycles through the same fixed views of each image, so the
             # teacher's logits are computed once per view and no row sees more distinct images than another
             "distill.teacher_cache_views": args.views or None,
+            "augment.random_erasing": getattr(args, "random_erasing", 0.0),
+            "augment.mixup": getattr(args, "mixup", 0.0),
+            "augment.cutmix": getattr(args, "cutmix", 0.0),
             "run.eval_teacher": False,
             "run.eval_interval": args.eval_interval,
             "run.seed": seed,
@@ -241,8 +247,14 @@ def write_table(args, argv, summaries: dict[str, list[dict]], teachers: list[dic
         f"Students: {subset}, {args.epochs} epochs (`{STUDENT_PRESET}` preset; `{STUDENT}` without and "
         f"`{DISTILLED_STUDENT}` with the distillation token), evaluated on the 10000 test images; "
         f"mean ± std of the final top-1 (%) over seeds 0–{args.seeds - 1}. Teacher: `{TEACHER_PRESET}` on all 60000 "
-        f"images, seeds 0–{args.teacher_seeds - 1}; every student learns from teacher seed 0. Every student row "
-        f"cycles through the same {args.views} fixed augmented views of each image (the teacher cache's), "
+        f"images, seeds 0–{args.teacher_seeds - 1}; every student learns from teacher seed 0. "
+        + (
+            f"Every student row cycles through the same {args.views} fixed augmented views of each image (the "
+            "teacher cache's)"
+            if args.views
+            else "Every student sees a new augmentation of each image every epoch, the teacher online"
+        )
+        + f"; crop and flip, Random Erasing {args.random_erasing}, Mixup {args.mixup}, CutMix {args.cutmix}; "
         f"evaluated every {args.eval_interval} epochs.",
         f"Measured at commit {commit()} on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; this invocation took {(time.perf_counter() - started) / 60:.0f} min "

@@ -53,7 +53,8 @@ class StepProgress:
         self.bar.update()
         if values and not self.bar.disable:
             self.bar.set_postfix({name: f"{value:.3g}" for name, value in values.items()}, refresh=False)
-        if self.logs and (self.done % self.log_interval == 0 or self.done == self.total):
+        # the epoch's own summary line follows its last step, so that step needs no line of its own
+        if self.logs and self.done % self.log_interval == 0 and self.done < self.total:
             elapsed = time.perf_counter() - self.started
             left = elapsed / self.done * (self.total - self.done)
             shown = "".join(f", {name} {value:.4g}" for name, value in values.items())
