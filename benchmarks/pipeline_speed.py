@@ -39,7 +39,7 @@ from torchvision import transforms
 
 from deit.config import TrainConfig, load_config, with_overrides
 from deit.data.datasets import load_fashion_mnist
-from deit.engine import train_one_epoch
+from deit.engine import train_steps
 from deit.optim import WarmupCosine
 from deit.run import build_run
 from deit.training import fit
@@ -166,11 +166,8 @@ class Ours:
         run.data.train_sampler.set_epoch(0)
         if hasattr(run.teacher, "set_epoch"):
             run.teacher.set_epoch(0)
-        train_one_epoch(
-            run.train_model, run.criterion, run.data.train_loader, run.optimizer, lr_at=run.schedule, first_step=0,
-            steps=count, device=run.device, precision=run.precision, teacher=run.teacher, mixup=run.mixup,
-            seed=run.config.run.seed, batch_transform=run.data.batch_transform,
-        )  # fmt: skip
+        for _ in train_steps(run.step_parts(), run.data.train_loader, first_step=0, steps=count):
+            pass
 
 
 # --- measurements ------------------------------------------------------------------------------------------

@@ -16,7 +16,10 @@ from safetensors.torch import save_file
 
 import deit.checkpoint
 from deit.checkpoint import (
+    Checkpoint,
     CheckpointError,
+    DataSpec,
+    ModelSpec,
     fetch_weights,
     load_checkpoint,
     model_from_checkpoint,
@@ -197,6 +200,13 @@ def test_model_from_checkpoint_rebuilds_the_model(tmp_path):
             "img_size": 14,
             "options": {"eval_output": "cls"},
         },
+        "data": {
+            "dataset": "fashion-mnist",
+            "class_names": list("abcd"),
+            "mean": [0.5],
+            "std": [0.25],
+            "input_size": 14,
+        },
     }
     save_checkpoint(state, tmp_path / "c.pth")
     rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "c.pth")).eval()
@@ -205,6 +215,27 @@ def test_model_from_checkpoint_rebuilds_the_model(tmp_path):
     x = torch.randn(2, 1, 14, 14)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), model.forward_heads(x)["cls"], atol=1e-6)
+
+
+def test_checkpoint_round_trips_through_its_file(tmp_path):
+    model = create_model("deit_pico_patch7_28", num_classes=3, in_chans=1)
+    spec = ModelSpec("deit_pico_patch7_28", 3, 1, 28, {"drop_path_rate": 0.0})
+    data = DataSpec("imagefolder", ("ant", "bee", "cat"), (0.5,), (0.25,), 28)
+    saved = Checkpoint(model.state_dict(), spec, data, epoch=3, best_acc1=71.5, history=[{"epoch": 1}])
+    saved.save(tmp_path / "c.pth")
+    loaded = Checkpoint.load(tmp_path / "c.pth")
+    assert loaded.model_spec == spec and loaded.data == data and not loaded.resumable
+    assert (loaded.epoch, loaded.best_acc1, loaded.history) == (3, 71.5, [{"epoch": 1}])
+    assert all(torch.equal(loaded.model[key], value) for key, value in model.state_dict().items())
+    assert isinstance(loaded.build_model(), type(model))
+    with pytest.raises(CheckpointError, match="no EMA"):
+        loaded.build_model(use_ema=True)
+
+
+def test_a_deit_checkpoint_without_its_description_is_called_damaged(tmp_path):
+    save_checkpoint({"format": "deit-checkpoint", "model": weights()}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match="c.pth is a deit checkpoint without model_spec, data"):
+        Checkpoint.load(tmp_path / "c.pth")
 
 
 def test_model_from_foreign_file_asks_for_the_architecture():

@@ -364,7 +364,7 @@ def test_batch_augment_depends_on_each_images_seed_only():
 @needs_fashion_mnist
 def test_in_memory_data_uses_whole_batch_augmentation_unless_the_recipe_needs_images():
     data = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320)
-    images, labels, seeds, indices = next(iter(data.train_loader))
+    images, labels, indices, seeds = next(iter(data.train_loader))
     assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28) and seeds.shape == indices.shape == (32,)
     assert torch.equal(data.train_loader.dataset.labels[indices], labels)
     assert data.batch_transform(images, seeds).shape == (32, 1, 28, 28)

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from deit.engine import Precision, evaluate, train_one_epoch
+from deit.data import Batch
+from deit.engine import EpochMeter, Precision, StepParts, evaluate, train_steps
 from deit.losses import DistillationLoss
 from deit.models import create_model
+from deit.progress import StepProgress
 
 CPU = torch.device("cpu")
 FP32 = Precision.resolve("none", CPU)
@@ -109,7 +111,7 @@ class CountingTeacher(nn.Module):
         self.calls = 0
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
         self.seen.append(x.clone())
         with torch.no_grad():
@@ -127,26 +129,27 @@ class RecordingStudent(nn.Module):
         return self.net(x)
 
 
+def as_batches(loader):
+    """(images, labels) pairs as the training loaders' ``Batch`` records."""
+    for images, labels in loader:
+        yield Batch(images, labels, torch.arange(len(images)))
+
+
 def run_epoch(model, criterion, loader, optimizer, teacher=None, lr=0.1, first_step=0, lrs=None):
+    """One pass over ``loader`` with ``train_steps``: the epoch's mean losses, its step count and last lr."""
+
     def lr_at(step):
         if lrs is not None:
             lrs.append(step)
         return lr
 
-    return train_one_epoch(
-        model,
-        criterion,
-        loader,
-        optimizer,
-        lr_at=lr_at,
-        first_step=first_step,
-        device=CPU,
-        precision=FP32,
-        teacher=teacher,
-    )
+    parts = StepParts(model, criterion, optimizer, lr_at, CPU, FP32, teacher=teacher)
+    meter = EpochMeter()
+    records = list(train_steps(parts, as_batches(loader), first_step=first_step, steps=len(loader), meter=meter))
+    return {**meter.means(), "steps": len(records), "lr": records[-1].lr, "records": records}
 
 
-def test_train_one_epoch_decreases_the_loss():
+def test_train_steps_decrease_the_loss():
     torch.manual_seed(0)
     model = nn.Linear(2, 3)
     loader = DataLoader(blobs(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -159,18 +162,49 @@ def test_train_one_epoch_decreases_the_loss():
     assert accuracy > 90
 
 
-def test_train_one_epoch_metrics_and_schedule():
+def test_train_steps_records_and_schedule():
     model = nn.Linear(2, 3)
     loader = DataLoader(blobs(), batch_size=16)  # 96 points: 6 steps
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     steps = []
     metrics = run_epoch(model, DistillationLoss("none"), loader, optimizer, lr=0.05, first_step=12, lrs=steps)
     assert steps == list(range(12, 18))  # the schedule is asked for the global step of every batch
+    assert [record.step for record in metrics["records"]] == steps
     assert metrics["steps"] == 6 and metrics["lr"] == 0.05
     assert optimizer.param_groups[0]["lr"] == 0.05  # and its answer is what the optimizer uses
     assert metrics["loss"] == metrics["label_loss"] > 0
-    assert metrics["images_per_sec"] > 0 and metrics["seconds"] >= 0
+    assert all(record.images == 16 and not record.stop and not record.nonfinite for record in metrics["records"])
+    # a record's loss is its step's: their mean is the epoch's
+    mean = sum(record.loss for record in metrics["records"]) / 6
+    assert mean == pytest.approx(metrics["loss"], rel=1e-6)
     assert model.training
+
+
+def test_a_stop_vote_is_reported_with_the_step_it_came_in():
+    model = nn.Linear(2, 3)
+    parts = StepParts(model, DistillationLoss("none"), torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 0.1,
+                      CPU, FP32)  # fmt: skip
+    votes = iter([False, False, True])
+    records = train_steps(parts, as_batches(DataLoader(blobs(), batch_size=16)), first_step=0, steps=6,
+                          stop_requested=lambda: next(votes))  # fmt: skip
+    assert [record.stop for record in (next(records), next(records), next(records))] == [False, False, True]
+
+
+def test_the_step_sums_across_processes_on_the_loss_device():
+    """One collective per step, of a tensor on the device the loss is on (NCCL serves CUDA tensors only)."""
+    model = nn.Linear(2, 3)
+    parts = StepParts(model, DistillationLoss("none"), torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 0.1,
+                      CPU, FP32)  # fmt: skip
+    reduced = []
+
+    def as_two_processes(values):  # as if a second process had the same loss and no stop
+        reduced.append(values)
+        return values * torch.tensor([2.0, 2.0, 1.0, 2.0])
+
+    loader = DataLoader(blobs(), batch_size=16)
+    records = list(train_steps(parts, as_batches(loader), first_step=0, steps=3, reduce=as_two_processes))
+    assert len(reduced) == 3 and all(values.device == CPU and values.shape == (4,) for values in reduced)
+    assert [record.loss for record in records] == pytest.approx([values[0].item() for values in reduced])
 
 
 def test_teacher_is_only_called_when_the_criterion_needs_it():
@@ -202,7 +236,11 @@ def test_distilled_vit_trains_with_a_teacher():
     torch.manual_seed(0)
     student = create_model("deit_pico_distilled_patch7_28", num_classes=3, in_chans=1)
     images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 3, (16,))
-    teacher = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3)).requires_grad_(False)
+    network = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3)).requires_grad_(False)
+
+    def teacher(images, indices=None):  # a TeacherLike: the step passes the images' training-set indices too
+        return network(images)
+
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     metrics = run_epoch(
@@ -218,15 +256,16 @@ def test_distilled_vit_trains_with_a_teacher():
     assert "head.weight" in changed and "head_dist.weight" in changed and "dist_token" in changed
 
 
-def test_nan_loss_raises():
+def test_a_nan_loss_ends_the_steps_before_the_optimizer_takes_one():
     points = torch.randn(8, 2)
     points[3, 0] = float("nan")
     loader = DataLoader(TensorDataset(points, torch.zeros(8, dtype=torch.long)), batch_size=4)
     model = nn.Linear(2, 3)
+    before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(FloatingPointError, match="step 5"):
-        run_epoch(model, DistillationLoss("none"), loader, optimizer, first_step=5)
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # no step was taken with the NaN
+    records = run_epoch(model, DistillationLoss("none"), loader, optimizer, first_step=5)["records"]
+    assert [(record.step, record.nonfinite) for record in records] == [(5, 1)]  # the last record: no step 6
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))  # no step was taken
 
 
 def test_precision_resolve():
@@ -248,13 +287,11 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(native, monk
 
 
 def test_progress_in_a_log_file_is_a_line_every_few_steps(caplog, capsys):
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,))), batch_size=4)  # 10 steps
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = StepProgress(10, "epoch 1/1", enabled=True, log_interval=4)
     with caplog.at_level("INFO", logger="deit"):  # under pytest stderr is captured, so not a terminal
-        train_one_epoch(model, DistillationLoss("none"), loader, optimizer, lr_at=lambda step: 0.1, first_step=0,
-                        device=CPU, precision=FP32, progress=True, log_interval=4, description="epoch 1/1")  # fmt: skip
+        for _ in range(10):
+            report.update(4, loss=1.0, lr=0.1)
+    report.close()
     lines = [record.getMessage() for record in caplog.records if "step" in record.getMessage()]
     assert [line.split(",")[0] for line in lines] == [
         "epoch 1/1 step 4/10",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import PIL
 import pytest
@@ -12,11 +13,11 @@ from torch import nn
 
 from conftest import needs_fashion_mnist
 from deit.config import PRESETS_DIR, TrainConfig, list_presets, load_config, with_overrides
-from deit.data import build_data
+from deit.data import Batch, build_data
 from deit.data.augment import build_mixup, rand_augment, random_erasing
 from deit.data.samplers import EpochSampler
 from deit.ema import ModelEma
-from deit.engine import Precision, train_one_epoch
+from deit.engine import Precision, StepParts, train_steps
 from deit.evaluation import evaluate_checkpoint
 from deit.losses import DistillationLoss
 from deit.models import create_model, is_deit_model
@@ -151,7 +152,7 @@ def test_repeated_copies_are_augmented_differently():
     data = build_data(
         "fashion-mnist", None, batch_size=48, seed=0, train_subset=480, repeated_aug=3, rand_augment=PAPER_POLICY
     )
-    images, labels, _ = next(iter(data.train_loader))
+    images, labels, _, _ = next(iter(data.train_loader))
     triples = images.view(16, 3, -1)
     assert torch.equal(labels.view(16, 3), labels.view(16, 3)[:, :1].expand(16, 3))  # copies of one image
     differing = sum(not torch.equal(t[0], t[1]) and not torch.equal(t[1], t[2]) for t in triples)
@@ -184,11 +185,11 @@ def test_accumulation_matches_one_big_batch():
         torch.manual_seed(1)
         model = create_model("deit_pico_patch7_28", 10, in_chans=1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        loader = [(images[i : i + batch], labels[i : i + batch]) for i in range(0, 16, batch)]
-        train_one_epoch(
-            model, DistillationLoss(), loader, optimizer, lr_at=lambda step: 0.1, first_step=0,
-            device=torch.device("cpu"), precision=Precision.resolve("none", torch.device("cpu")), accum_steps=accum,
-        )  # fmt: skip
+        loader = [Batch(images[i : i + batch], labels[i : i + batch], torch.arange(batch)) for i in range(0, 16, batch)]
+        cpu = torch.device("cpu")
+        parts = StepParts(model, DistillationLoss(), optimizer, lambda step: 0.1, cpu, Precision.resolve("none", cpu),
+                          accum_steps=accum)  # fmt: skip
+        assert len(list(train_steps(parts, loader, first_step=0, steps=1))) == 1
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=1e-4)
@@ -276,12 +277,10 @@ def test_mixed_precision_training_steps(amp):
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    loader = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
+    loader = [Batch(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.arange(8)) for _ in range(3)]
     precision = Precision.resolve(amp, device)
     assert precision.describe() == f"{'bfloat16' if amp == 'bf16' else 'float16'} autocast on cpu"
-    metrics = train_one_epoch(
-        model, DistillationLoss(), loader, optimizer, lr_at=lambda step: 1e-3, first_step=0,
-        device=device, precision=precision, scaler=scaler,
-    )  # fmt: skip
-    assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["loss"]))
+    parts = StepParts(model, DistillationLoss(), optimizer, lambda step: 1e-3, device, precision, scaler=scaler)
+    records = list(train_steps(parts, loader, first_step=0, steps=3))
+    assert len(records) == 3 and all(math.isfinite(record.loss) and not record.nonfinite for record in records)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True) if p.requires_grad)

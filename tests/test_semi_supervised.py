@@ -110,7 +110,7 @@ def test_label_fraction_hides_labels_and_mixes_every_batch():
     kept = pool.labels >= 0
     assert torch.equal(pool.labels[kept], original.labels[kept]) and (pool.labels[~kept] == UNLABELED).all()
     assert torch.bincount(pool.labels[kept]).tolist() == [10] * 10
-    _, labels, _, indices = next(iter(data.train_loader))
+    _, labels, indices, _ = next(iter(data.train_loader))
     assert (labels == UNLABELED).sum() == 30
     assert torch.equal(pool.labels[indices], labels)
 
@@ -145,7 +145,8 @@ def test_an_unlabelled_folder_joins_an_image_folder_set(make_image_folder, tmp_p
     folder = _unlabelled_folder(tmp_path / "extra")
     unlabeled = Unlabeled(path=str(folder), ratio=0.5)
     data = build_data("imagefolder", str(root), batch_size=4, seed=0, input_size=32, unlabeled=unlabeled)
-    images, labels, indices = next(iter(data.train_loader))  # per-image transforms: image, label, index
+    images, labels, indices, seeds = next(iter(data.train_loader))  # per-image transforms: no seeds
+    assert seeds is None
     assert images.shape == (4, 3, 32, 32)
     assert (labels == UNLABELED).sum() == 2
     assert [data.train_loader.dataset.dataset.targets[i] for i in indices.tolist()] == labels.tolist()

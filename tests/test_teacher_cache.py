@@ -61,7 +61,7 @@ def test_the_teacher_runs_only_in_the_first_epochs_and_its_logits_are_exact(teac
 
     run = build_run(config)  # the same data and views: recompute view 1 of a few images with the bare teacher
     run.data.train_sampler.set_epoch(1)
-    images, _, seeds, indices = next(iter(run.data.train_loader))
+    images, _, indices, seeds = next(iter(run.data.train_loader))
     cache = run.teacher
     cache.set_epoch(1)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 import deit.training
 from conftest import needs_fashion_mnist
 from deit.analysis import figures
-from deit.checkpoint import FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
+from deit.checkpoint import FORMAT, Checkpoint, CheckpointError, load_checkpoint, model_from_checkpoint
 from deit.config import TrainConfig, load_config, with_overrides
 from deit.evaluation import evaluate_checkpoint
 from deit.training import RunError, fit
@@ -94,6 +94,32 @@ def test_checkpoint_is_weights_only_and_rebuilds_the_model(first_run):
         assert torch.equal(a.cpu(), b), name
 
 
+# the keys every checkpoint has had on disk since format version 1 (Checkpoint reads and writes this layout)
+VERSION_1_KEYS = {
+    "format", "version", "model", "model_spec", "data", "model_ema", "optimizer", "scaler", "epoch", "epoch_step",
+    "meters", "world_size", "best_acc1", "history", "config", "teacher_cache",
+}  # fmt: skip
+
+
+def test_checkpoints_keep_the_version_1_layout_and_older_files_still_resume(first_run, tmp_path):
+    config, result, out = first_run
+    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert set(state) == VERSION_1_KEYS and state["version"] == 1
+    saved = Checkpoint.load(out / "checkpoint.pth")
+    assert saved.resumable and saved.epoch == 2 and saved.model_spec.name == STUDENT
+    assert saved.data.class_names[0] == "T-shirt/top" and saved.history == result.history
+    # files written before mid-epoch resume and torchrun lack the keys these added: the run continues
+    older = {key: value for key, value in state.items() if key not in ("epoch_step", "meters", "world_size")}
+    del older["teacher_cache"]
+    (tmp_path / "older").mkdir()
+    torch.save(older, tmp_path / "older" / "checkpoint.pth")
+    shutil.copy(out / "steps.jsonl", tmp_path / "older")
+    shutil.copy(out / "metrics.jsonl", tmp_path / "older")
+    resumed = fit(tiny_config(tmp_path / "older", **{"optim.epochs": 3, "run.resume": "auto"}))
+    assert [record["epoch"] for record in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == result.history
+
+
 def test_second_run_in_the_same_folder_is_refused(first_run, tmp_path):
     out = copy_run(first_run, tmp_path)
     before = (out / "checkpoint.pth").read_bytes()
@@ -132,13 +158,13 @@ def test_resume_from_an_official_weights_file_starts_from_its_weights(first_run,
     official = tmp_path / "official.pth"
     torch.save({"model": trained}, official)
     loaded = {}
-    real_train = deit.training.train_one_epoch
+    real_train = deit.training.train_steps
 
-    def spy(model, *args, **kwargs):  # the weights the first step starts from
-        loaded.update({key: value.clone() for key, value in model.state_dict().items()})
-        return real_train(model, *args, **kwargs)
+    def spy(parts, *args, **kwargs):  # the weights the first step starts from
+        loaded.update({key: value.clone() for key, value in parts.model.state_dict().items()})
+        return real_train(parts, *args, **kwargs)
 
-    monkeypatch.setattr(deit.training, "train_one_epoch", spy)
+    monkeypatch.setattr(deit.training, "train_steps", spy)
     result = fit(tiny_config(tmp_path / "resumed", **{"optim.epochs": 1, "run.resume": str(official)}))
     assert [r["epoch"] for r in result.history] == [1]
     assert all(torch.equal(loaded[key], trained[key]) for key in trained)

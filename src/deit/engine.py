@@ -1,12 +1,15 @@
-"""One training epoch and one evaluation pass: models and loaders in, metric dicts out."""
+"""The training loop and the evaluation pass: ``train_steps`` yields one record per optimizer step.
+
+``training.fit`` drives ``train_steps`` and decides, between records, what to
+log, when to checkpoint and when to stop; this file knows nothing of files,
+signals or configs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,12 +18,14 @@ from torch import nn
 from tqdm import tqdm
 
 from deit.config import ConfigError
+from deit.data.batch import Batch
 from deit.ema import ModelEma
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, fuse_heads
 from deit.optim import set_lr
-from deit.progress import StepProgress, on_terminal
+from deit.progress import on_terminal
 from deit.rng import seed_step
+from deit.teachers import TeacherLike
 
 log = logging.getLogger("deit")
 
@@ -67,25 +72,6 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; no step was taken with it."""
 
 
-class StepGuard:
-    """What the loop asks between steps; this one is for a single process with nothing to watch.
-
-    ``agree`` runs before each backward pass: all processes must take it
-    together, so a non-finite loss on any of them stops all of them (none waits
-    forever in the gradient all-reduce). ``after_step`` runs after each optimizer
-    step; it returns True to end the epoch there (a stop was requested).
-    """
-
-    def agree(self, loss: torch.Tensor, step: int) -> float:
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"the loss is {value} at step {step}; stopping without taking that step")
-        return value
-
-    def after_step(self, step: int, loss: float, lr: float) -> bool:
-        return False
-
-
 @dataclass
 class EpochMeter:
     """Running sums of an epoch's losses. A mid-epoch checkpoint saves it, so a resumed epoch reports the same means."""
@@ -119,121 +105,121 @@ class EpochMeter:
         return cls(sums, int(state["micro_batches"]), int(state["images"]), float(state["lr"]))
 
 
-def train_one_epoch(
-    model: nn.Module,
-    criterion: DistillationLoss,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
+@dataclass(frozen=True)
+class StepParts:
+    """What an optimizer step is made of; ``Run.step_parts`` builds it from the config."""
+
+    model: nn.Module  # what the step calls: the model, or its DistributedDataParallel / compiled wrapper
+    criterion: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[int], float]  # the learning rate of a global step
+    device: torch.device
+    precision: Precision
+    teacher: TeacherLike | None = None
+    mixup: Callable | None = None  # Mixup / CutMix on (images, labels), making the labels soft
+    augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # whole-batch: (uint8, seeds)
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    ema: ModelEma | None = None
+    seed: int | None = None  # reseed Mixup and stochastic depth per micro-batch: exact resume at any step
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step, as every process agreed on it."""
+
+    step: int  # global, from 0
+    loss: float  # mean over the step's micro-batches and every process
+    lr: float
+    images: int  # this process's images
+    nonfinite: int = 0  # processes whose loss was NaN or infinite: then the step was not taken, and it is the last
+    stop: bool = False  # some process was asked to stop
+
+
+def train_steps(
+    parts: StepParts,
+    batches: Iterable[Batch],
     *,
-    lr_at: Callable[[int], float],
     first_step: int,
-    device: torch.device,
-    precision: Precision,
-    teacher: nn.Module | None = None,
-    mixup: Callable | None = None,
-    accum_steps: int = 1,
-    ema: ModelEma | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    clip_grad: float | None = None,
-    progress: bool = False,
-    log_interval: int = 50,
-    description: str = "train",
-    steps: int | None = None,
+    steps: int,
     meter: EpochMeter | None = None,
-    guard: StepGuard | None = None,
-    seed: int | None = None,
-    rank: int = 0,
-    batch_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Train over ``loader`` for ``steps`` optimizer steps (default: all whole ones); returns this process's means.
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> Iterator[StepRecord]:
+    """Take ``steps`` optimizer steps on ``batches``, yielding a record after each; the only training loop.
 
-    Steps are numbered globally: the first batch of ``loader`` belongs to step
-    ``first_step``, and ``lr_at(step)`` gives its learning rate. Each step is
-    ``accum_steps`` micro-batches. With ``seed``, each micro-batch reseeds the
-    generators it draws from (Mixup, stochastic depth) from (seed, step,
-    micro-batch, rank), which makes a run resumed at any step exact. ``meter``
-    carries the epoch's sums in and out (a resumed epoch passes the saved one).
-    The loader yields (images, labels, ..., indices); with ``batch_transform``,
-    (uint8 images, labels, seeds, indices), and the transform augments the
-    batch on the device (see ``data.batched``).
+    Steps are numbered globally from ``first_step``, and ``parts.lr_at(step)``
+    gives each one's learning rate, so a run resumed mid-epoch continues the
+    schedule. A step is ``parts.accum_steps`` micro-batches. ``meter``
+    collects the epoch's loss sums (a resumed epoch passes the saved one in).
+    With several processes, ``reduce`` sums across them: once per step, on the
+    device, the loss, the count of non-finite losses and the stop votes
+    (``stop_requested``), so that every process makes the same decision. That
+    is the step's only device-to-host copy. A non-finite loss anywhere ends the
+    steps before the optimizer takes the step; its record says so, and the
+    caller decides what to do.
     """
-    model.train()
+    parts.model.train()
     meter = meter if meter is not None else EpochMeter()
-    guard = guard if guard is not None else StepGuard()
-    if steps is None:
-        steps = len(loader) // accum_steps  # type: ignore[arg-type]
-    start = time.perf_counter()
-    images_before = meter.images
-    # a bar on a terminal; in a log file, a line every log_interval optimizer steps
-    report = StepProgress(steps, description, enabled=progress, log_interval=log_interval)
-    batches = iter(loader)
-    step_loss = 0.0
-    for offset in range(steps * accum_steps):
-        step, micro = first_step + offset // accum_steps, offset % accum_steps
-        images, targets, indices = _unpack(next(batches), device, batch_transform)
-        if seed is not None:
-            seed_step(seed, step, micro, rank)
-        losses = _forward(model, criterion, images, targets, indices, teacher=teacher, mixup=mixup, precision=precision)
-        step_loss += guard.agree(losses["loss"], step) / accum_steps
-        last_micro = micro == accum_steps - 1
-        with _maybe_no_sync(model, last_micro):  # DDP: all-reduce gradients once per optimizer step
-            scaled = losses["loss"] / accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        meter.add(losses, images.shape[0])
-        if last_micro:
-            meter.lr = lr_at(step)
-            _optimizer_step(model, optimizer, meter.lr, scaler, clip_grad)
-            if ema is not None:
-                ema.update(_unwrap(model))
-            report.update(images.shape[0] * accum_steps, loss=step_loss, lr=meter.lr)
-            stop = guard.after_step(step, step_loss, meter.lr)
-            step_loss = 0.0
-            if stop:
-                break
-    report.close()
-    elapsed = time.perf_counter() - start
-    metrics = meter.means()
-    rate = (meter.images - images_before) / max(elapsed, 1e-9)
-    metrics.update(lr=meter.lr, steps=meter.micro_batches // accum_steps, images_per_sec=rate, seconds=elapsed)
-    return metrics
+    batches = iter(batches)
+    for step in range(first_step, first_step + steps):
+        step_loss = torch.zeros((), device=parts.device)
+        images = 0
+        for micro in range(parts.accum_steps):
+            batch = next(batches).to(parts.device)
+            if parts.augment is not None:  # uint8 in-memory images: augmented here, a whole batch at once
+                batch = batch._replace(images=parts.augment(batch.images, batch.seeds))
+            if parts.seed is not None:
+                seed_step(parts.seed, step, micro, parts.rank)
+            losses = micro_batch_losses(parts, batch)
+            with _maybe_no_sync(parts.model, micro == parts.accum_steps - 1):  # DDP: one gradient all-reduce a step
+                scaled = losses["loss"] / parts.accum_steps
+                (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+            meter.add(losses, len(batch.images))
+            step_loss += losses["loss"].detach().float() / parts.accum_steps
+            images += len(batch.images)
+        loss, nonfinite, stop = _agree(step_loss, stop_requested, reduce)
+        lr = parts.lr_at(step)
+        if nonfinite:
+            parts.optimizer.zero_grad(set_to_none=True)
+            yield StepRecord(step, loss, lr, images, nonfinite, stop)
+            return
+        meter.lr = lr
+        _optimizer_step(parts.model, parts.optimizer, lr, parts.scaler, parts.clip_grad)
+        if parts.ema is not None:
+            parts.ema.update(_unwrap(parts.model))
+        yield StepRecord(step, loss, lr, images, nonfinite, stop)
 
 
-def _unpack(
-    batch: Sequence[torch.Tensor], device: torch.device, batch_transform: Callable | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Images, labels and data-set indices of a loader batch, on the device and augmented.
-
-    The loader yields (images, labels, ..., indices); with whole-batch
-    augmentation, (uint8 images, labels, seeds, indices), finished here.
-    """
-    images, targets, *keys = (tensor.to(device, non_blocking=True) for tensor in batch)
-    if batch_transform is not None:
-        images = batch_transform(images, keys[0])
-    return images, targets, keys[-1] if keys else None
-
-
-def _forward(
-    model: nn.Module,
-    criterion: DistillationLoss,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    indices: torch.Tensor | None,
-    *,
-    teacher: nn.Module | None,
-    mixup: Callable | None,
-    precision: Precision,
-) -> dict[str, torch.Tensor]:
-    """The loss components of one micro-batch, after Mixup / CutMix."""
-    if mixup is not None:
-        images, targets = mixup(images, targets)  # targets become soft (B, classes)
-    with precision.autocast():
-        outputs = model(images)
-        # the teacher sees exactly the batch the student saw, augmentations and mixing included
+def micro_batch_losses(parts: StepParts, batch: Batch) -> dict[str, torch.Tensor]:
+    """The loss and its components on one micro-batch, after Mixup / CutMix."""
+    images, labels = batch.images, batch.labels
+    if parts.mixup is not None:
+        images, labels = parts.mixup(images, labels)  # the labels become soft (B, classes)
+    with parts.precision.autocast():
+        outputs = parts.model(images)
         teacher_logits = None
-        if criterion.needs_teacher:
-            indexed = getattr(teacher, "indexed", False)  # a cache or stored pseudo-labels: looked up by index
-            teacher_logits = teacher(images, indices) if indexed else teacher(images)
-    return criterion.components(outputs, targets, teacher_logits)
+        if parts.criterion.needs_teacher:
+            # the teacher sees exactly the batch the student saw, augmentations and mixing included
+            teacher_logits = parts.teacher(images, batch.indices)
+    return parts.criterion.components(outputs, labels, teacher_logits)
+
+
+def _agree(
+    step_loss: torch.Tensor,
+    stop_requested: Callable[[], bool] | None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[float, int, bool]:
+    """The step's loss (mean over processes), how many processes had a non-finite one, and whether any must stop."""
+    stop = float(stop_requested()) if stop_requested is not None else 0.0
+    flags = torch.tensor([stop, 1.0], device=step_loss.device)  # the stop vote, and a 1 that counts the processes
+    votes = torch.cat([torch.stack([step_loss, (~step_loss.isfinite()).float()]), flags])
+    if reduce is not None:
+        votes = reduce(votes)
+    total, nonfinite, stops, processes = votes.tolist()  # the step's one device-to-host copy
+    return total / processes, int(nonfinite), stops > 0
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deit.checkpoint import load_checkpoint, model_from_checkpoint
-from deit.data import build_eval_data
+from deit.checkpoint import Checkpoint
 from deit.engine import Precision, evaluate
-from deit.training import RunError, resolve_device
+from deit.run import resolve_device
 
 
 def evaluate_checkpoint(
@@ -23,23 +22,10 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> dict[str, float]:
     """Validation metrics of every head of a ``deit train`` checkpoint (or of its EMA weights)."""
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, use_ema=use_ema, **({"eval_output": eval_output} if eval_output else {}))
-    saved = state["data"]
-    config = state.get("config", {}).get("data", {})
+    saved = Checkpoint.load(checkpoint)
+    model = saved.build_model(use_ema=use_ema, **({"eval_output": eval_output} if eval_output else {}))
     torch_device = resolve_device(device)
-    loader, info = build_eval_data(
-        dataset or saved["dataset"],
-        data_path if data_path is not None else config.get("path"),
-        batch_size=batch_size,
-        input_size=saved["input_size"],
-        in_chans=state["model_spec"]["in_chans"],
-    )
-    if list(info.class_names) != list(saved["class_names"]):
-        raise RunError(
-            f"the checkpoint was trained on {len(saved['class_names'])} classes {saved['class_names'][:5]}..., "
-            f"the data set has {info.num_classes} {list(info.class_names)[:5]}..."
-        )
+    loader, _ = saved.eval_data(dataset=dataset, data_path=data_path, batch_size=batch_size)
     return evaluate(
         model.to(torch_device),
         loader,

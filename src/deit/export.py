@@ -27,10 +27,10 @@ from torch import nn
 from deit.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
+    Checkpoint,
     CheckpointError,
     atomic_path,
     load_checkpoint,
-    model_from_checkpoint,
 )
 from deit.errors import DeitError
 from deit.models import EVAL_OUTPUTS, VisionTransformer, fuse_heads
@@ -74,8 +74,9 @@ def _check_head(model: nn.Module, head: str) -> None:
         raise ExportError("--head cls is for DeiT models; this model has one output: use fused")
 
 
-def description(state: dict[str, Any], head: str) -> dict[str, Any]:
+def description(checkpoint: Checkpoint, head: str) -> dict[str, Any]:
     """What travels with an exported file: the model spec, the data it expects, and the head."""
+    state = checkpoint.state_dict()
     spec = json.loads(json.dumps(state["model_spec"]))  # a deep copy of plain data
     if head != "fused" and "eval_output" in spec.get("options", {}):
         spec["options"]["eval_output"] = head
@@ -93,13 +94,13 @@ def export_checkpoint(
     """Write ``checkpoint``'s model (or its EMA) to ``output`` in ``format``; returns the path written."""
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {EXPORT_FORMATS}")
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, use_ema=use_ema).eval()
+    saved = Checkpoint.load(checkpoint)
+    model = saved.build_model(use_ema=use_ema).eval()
     _check_head(model, head)
-    meta = description(state, head)
+    meta = description(saved, head)
     module = PredictionHead(model, head).eval()
-    spec = state["model_spec"]
-    example = torch.randn(2, spec["in_chans"], state["data"]["input_size"], state["data"]["input_size"])
+    size = saved.data.input_size
+    example = torch.randn(2, saved.model_spec.in_chans, size, size)
     with atomic_path(output) as tmp:  # a failed export leaves any earlier file at output as it was
         if format == "safetensors":
             _save_safetensors(model, meta, tmp)
@@ -107,7 +108,7 @@ def export_checkpoint(
             _save_torchscript(module, example, meta, tmp)
         else:
             _save_onnx(module, example, meta, tmp)
-    log.info("exported %s (%s, head %s) to %s", spec["name"], format, head, output)
+    log.info("exported %s (%s, head %s) to %s", saved.model_spec.name, format, head, output)
     return Path(output)
 
 

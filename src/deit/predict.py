@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from deit.checkpoint import load_checkpoint, model_from_checkpoint
+from deit.checkpoint import Checkpoint
 from deit.data.transforms import eval_transform
 from deit.engine import Precision
 from deit.training import resolve_device
@@ -57,16 +57,16 @@ class Predictor:
         device: str = "auto",
         amp: str = "none",
     ) -> None:
-        state = load_checkpoint(checkpoint)
+        saved = Checkpoint.load(checkpoint)
         options = {"eval_output": eval_output} if eval_output else {}
         self.device = resolve_device(device)
         self.precision = Precision.resolve(amp, self.device)
-        self.model: nn.Module = model_from_checkpoint(state, use_ema=use_ema, **options).to(self.device).eval()
-        data = state["data"]
-        self.class_names: list[str] = list(data["class_names"])
-        self.in_chans: int = state["model_spec"]["in_chans"]
+        self.model: nn.Module = saved.build_model(use_ema=use_ema, **options).to(self.device).eval()
+        data = saved.data
+        self.class_names: list[str] = list(data.class_names)
+        self.in_chans: int = saved.model_spec.in_chans
         # native_size=None: every file is resized to the input size, whatever its own size
-        self.transform = eval_transform(input_size=data["input_size"], mean=data["mean"], std=data["std"])
+        self.transform = eval_transform(input_size=data.input_size, mean=data.mean, std=data.std)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:

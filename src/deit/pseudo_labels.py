@@ -77,8 +77,6 @@ class PseudoLabels:
 class PseudoLabelTeacher(nn.Module):
     """A teacher that looks its answers up: the stored predictions for the selected pool's images."""
 
-    indexed = True  # the training step passes each image's index in the data set
-
     def __init__(self, labels: PseudoLabels) -> None:
         super().__init__()
         self.name = f"pseudo-labels of {labels.teacher}"

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from deit.checkpoint import FORMAT, CheckpointError, load_checkpoint, weights_of
+from deit.checkpoint import Checkpoint, CheckpointError, is_deit_checkpoint, load_checkpoint, weights_of
 from deit.config import TrainConfig, config_to_dict
 from deit.engine import EpochMeter
 from deit.models import load_weights
@@ -58,45 +58,47 @@ def resume(run: Run, path: Path | str) -> Progress:
     does with ``--resume``.
     """
     state = load_checkpoint(path)
-    if state.get("format") != FORMAT or "optimizer" not in state:
+    checkpoint = Checkpoint.from_state(state, path) if is_deit_checkpoint(state) else None
+    if checkpoint is None or not checkpoint.resumable:
         log.info("%s holds weights only (no optimizer or epoch): training starts from them at epoch 0", path)
         load_weights(run.model, weights_of(state, path), source=str(path))
         if run.ema is not None:
             run.ema.load_state_dict(run.model.state_dict())
         return Progress()
-    _check_same_run(run, state, path)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    _check_same_run(run, checkpoint, path)
+    run.model.load_state_dict(checkpoint.model)
+    run.optimizer.load_state_dict(checkpoint.optimizer)
     if run.ema is not None:
-        run.ema.load_state_dict(state["model_ema"] if state.get("model_ema") else state["model"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    if isinstance(run.teacher, TeacherCache) and state.get("teacher_cache"):
-        run.teacher.logits.copy_(state["teacher_cache"]["logits"])
-        run.teacher.filled.copy_(state["teacher_cache"]["filled"])
+        run.ema.load_state_dict(checkpoint.model_ema or checkpoint.model)
+    if run.scaler is not None and checkpoint.scaler:
+        run.scaler.load_state_dict(checkpoint.scaler)
+    if isinstance(run.teacher, TeacherCache) and checkpoint.teacher_cache:
+        run.teacher.logits.copy_(checkpoint.teacher_cache["logits"])
+        run.teacher.filled.copy_(checkpoint.teacher_cache["filled"])
     return Progress(
-        epoch=int(state["epoch"]),
-        epoch_step=int(state.get("epoch_step", 0)),
-        best_acc1=float(state["best_acc1"]),
-        history=list(state.get("history", [])),
-        meter=_my_meter(run, state),
+        epoch=checkpoint.epoch,
+        epoch_step=checkpoint.epoch_step,
+        best_acc1=checkpoint.best_acc1,
+        history=checkpoint.history,
+        meter=_my_meter(run, checkpoint),
     )
 
 
-def _check_same_run(run: Run, state: dict[str, Any], path: Path | str) -> None:
-    theirs = {k: state["model_spec"].get(k) for k in ("name", "num_classes", "in_chans", "img_size")}
-    ours = {k: run.spec[k] for k in theirs}
+def _check_same_run(run: Run, checkpoint: Checkpoint, path: Path | str) -> None:
+    identity = ("name", "num_classes", "in_chans", "img_size")
+    theirs = {k: getattr(checkpoint.model_spec, k) for k in identity}
+    ours = {k: getattr(run.spec, k) for k in identity}
     if theirs != ours:
         raise CheckpointError(
             f"{path} holds another model ({theirs}) than this run builds ({ours}); nothing was loaded"
         )
-    changed = changed_settings(state.get("config", {}), config_to_dict(run.config))
+    changed = changed_settings(checkpoint.config, config_to_dict(run.config))
     if changed:
         raise CheckpointError(
             f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume it with its own settings "
             "or train into another --output-dir. Nothing was loaded or overwritten"
         )
-    saved_world = int(state.get("world_size", 1))
+    saved_world = checkpoint.world_size
     if saved_world != run.layout.world_size:
         log.warning(
             "%s was written by %d processes and this run has %d: the global batch and the order of the images "
@@ -107,10 +109,10 @@ def _check_same_run(run: Run, state: dict[str, Any], path: Path | str) -> None:
         )
 
 
-def _my_meter(run: Run, state: dict[str, Any]) -> EpochMeter:
+def _my_meter(run: Run, checkpoint: Checkpoint) -> EpochMeter:
     """This process's loss sums for the epoch in progress; on another process count, rank 0 takes them all."""
-    meters = state.get("meters") or []
-    if not meters or not state.get("epoch_step"):
+    meters = checkpoint.meters
+    if not meters or not checkpoint.epoch_step:
         return EpochMeter()
     if len(meters) == run.layout.world_size:
         return EpochMeter.from_state(meters[run.layout.rank], run.device)

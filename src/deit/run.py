@@ -15,16 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from deit.checkpoint import FORMAT, FORMAT_VERSION
+from deit.checkpoint import Checkpoint, DataSpec, ModelSpec
 from deit.config import ModelConfig, TrainConfig, config_to_dict
 from deit.data import DataBundle, DatasetInfo, Unlabeled, build_data
 from deit.data.augment import build_mixup
 from deit.distributed import Distributed
 from deit.ema import ModelEma
-from deit.engine import EpochMeter, Precision
+from deit.engine import EpochMeter, Precision, StepParts
 from deit.errors import DeitError
 from deit.losses import DistillationLoss
-from deit.models import VisionTransformer, create_model, is_deit_model, load_weights
+from deit.models import VisionTransformer, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
 from deit.pseudo_labels import PseudoLabels, PseudoLabelTeacher
 from deit.rng import seed_everything
@@ -59,15 +59,9 @@ def model_options(config: ModelConfig) -> dict[str, Any]:
     return options
 
 
-def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> dict[str, Any]:
-    """Everything needed to rebuild the model from a checkpoint (see checkpoint.model_from_checkpoint)."""
-    return {
-        "name": config.name,
-        "num_classes": info.num_classes,
-        "in_chans": info.in_chans,
-        "img_size": input_size,  # used by transformers (ours and timm's); CNNs take any size
-        "options": model_options(config),
-    }
+def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> ModelSpec:
+    """Everything needed to rebuild the model from a checkpoint."""
+    return ModelSpec(config.name, info.num_classes, info.in_chans, input_size, model_options(config))
 
 
 def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | PseudoLabelTeacher | None:
@@ -123,7 +117,7 @@ class Run:
     device: torch.device
     precision: Precision
     data: DataBundle
-    spec: dict[str, Any]
+    spec: ModelSpec
     model: nn.Module  # the model itself: checkpoints, EMA and evaluation use it
     train_model: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
     teacher: Teacher | TeacherCache | PseudoLabelTeacher | None
@@ -134,42 +128,54 @@ class Run:
     mixup: Callable | None
     ema: ModelEma | None
 
+    def step_parts(self) -> StepParts:
+        """What ``engine.train_steps`` needs of this run."""
+        optim = self.config.optim
+        return StepParts(
+            model=self.train_model,
+            criterion=self.criterion,
+            optimizer=self.optimizer,
+            lr_at=self.schedule,
+            device=self.device,
+            precision=self.precision,
+            teacher=self.teacher,
+            mixup=self.mixup,
+            augment=self.data.batch_transform,
+            accum_steps=optim.accum_steps,
+            clip_grad=optim.clip_grad,
+            scaler=self.scaler,
+            ema=self.ema,
+            seed=self.config.run.seed,
+            rank=self.layout.rank,
+        )
+
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch (the same on every process)."""
         return len(self.data.train_loader) // self.config.optim.accum_steps
 
-    def checkpoint_state(self, progress: Progress, meters: list[dict[str, Any]]) -> dict[str, Any]:
+    def checkpoint(self, progress: Progress, meters: list[dict[str, Any]]) -> Checkpoint:
         """Everything to rebuild and continue this run; ``meters`` holds every process's epoch sums, in rank order.
 
-        Only tensors, numbers, strings, lists and dicts: it loads with ``weights_only=True``. No generator
-        state is needed: every random draw is seeded from (seed, epoch, step), see ``deit.rng``.
+        No generator state is needed: every random draw is seeded from (seed, epoch, step), see ``deit.rng``.
         """
         info = self.data.info
-        return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "model": self.model.state_dict(),
-            "model_spec": self.spec,
-            "data": {
-                "dataset": info.name,
-                "class_names": list(info.class_names),
-                "mean": list(info.mean),
-                "std": list(info.std),
-                "input_size": self.data.input_size,
-            },
-            "model_ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": progress.epoch,
-            "epoch_step": progress.epoch_step,
-            "meters": meters,
-            "world_size": self.layout.world_size,
-            "best_acc1": progress.best_acc1,
-            "history": progress.history,
-            "config": config_to_dict(self.config),
-            "teacher_cache": self.teacher_cache_state(),
-        }
+        return Checkpoint(
+            model=self.model.state_dict(),
+            model_spec=self.spec,
+            data=DataSpec(info.name, tuple(info.class_names), tuple(info.mean), tuple(info.std), self.data.input_size),
+            model_ema=self.ema.state_dict() if self.ema is not None else None,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            epoch=progress.epoch,
+            epoch_step=progress.epoch_step,
+            best_acc1=progress.best_acc1,
+            history=progress.history,
+            meters=meters,
+            world_size=self.layout.world_size,
+            config=config_to_dict(self.config),
+            teacher_cache=self.teacher_cache_state(),
+        )
 
     def teacher_cache_state(self) -> dict[str, torch.Tensor] | None:
         if not isinstance(self.teacher, TeacherCache):
@@ -192,14 +198,8 @@ def _cached(teacher: Teacher, config: TrainConfig, data: DataBundle) -> TeacherC
     return TeacherCache(teacher, num_images, config.distill.teacher_cache_views, data.info.num_classes)
 
 
-def _build_student(spec: dict[str, Any], finetune: str | None) -> nn.Module:
-    model = create_model(
-        spec["name"],
-        num_classes=spec["num_classes"],
-        in_chans=spec["in_chans"],
-        img_size=spec["img_size"],
-        **spec["options"],
-    )
+def _build_student(spec: ModelSpec, finetune: str | None) -> nn.Module:
+    model = spec.build()
     if finetune:
         load_weights(model, finetune)  # logs what it had to adapt (resolution, channels, heads)
     return model

@@ -33,8 +33,6 @@ MAX_CACHE_BYTES = 4 * 2**30
 class TeacherCache(nn.Module):
     """Logits of ``teacher`` on each (image, view), computed on first use."""
 
-    indexed = True  # the training step passes each image's index in the data set
-
     def __init__(self, teacher: nn.Module, num_images: int, views: int, num_classes: int) -> None:
         super().__init__()
         size = num_images * views * num_classes * 4
@@ -47,8 +45,10 @@ class TeacherCache(nn.Module):
         self.teacher = teacher
         self.views = views
         self.view = 0  # the view of the epoch being trained: epoch % views
-        self.register_buffer("logits", torch.zeros(num_images, views, num_classes))
-        self.register_buffer("filled", torch.zeros(num_images, views, dtype=torch.bool))
+        self.register_buffer("logits", torch.zeros(num_images, views, num_classes))  # moves with .to(device)
+        # which (image, view) is filled: kept on the host with the batch's indices, so that asking whether a
+        # batch needs the teacher never waits for the device
+        self.filled = torch.zeros(num_images, views, dtype=torch.bool)
         self.calls = 0  # teacher forward passes, for the log
 
     @property
@@ -63,11 +63,13 @@ class TeacherCache(nn.Module):
         """The teacher's logits for ``images``, the views of dataset ``indices`` in this epoch."""
         if indices is None:  # evaluation: no views, no cache
             return self.teacher(images)
-        indices = indices.to(self.filled.device)
+        indices = indices.cpu()  # already on the host in training (see Batch.to): no copy
         missing = ~self.filled[indices, self.view]
         if missing.any():
-            fresh = self.teacher(images[missing.to(images.device)])
-            self.logits[indices[missing], self.view] = fresh.float().to(self.logits.device)
+            fresh = self.teacher(images[missing.to(images.device, non_blocking=True)])
+            rows = indices[missing].to(self.logits.device, non_blocking=True)
+            self.logits[rows, self.view] = fresh.float().to(self.logits.device)
             self.filled[indices[missing], self.view] = True
             self.calls += 1
-        return self.logits[indices, self.view].to(images.device)
+        rows = indices.to(self.logits.device, non_blocking=True)
+        return self.logits[rows, self.view].to(images.device)

@@ -11,17 +11,23 @@ A teacher comes from one of three places:
 ``Teacher`` wraps the network so that it takes the student's normalised batch
 and converts it (channel count, normalisation) to what the teacher was trained
 on. It is always in eval mode and never builds a graph.
+
+The training step asks every kind of teacher the same question (``TeacherLike``):
+the logits for these images, which are these training-set indices. The online
+``Teacher`` looks at the images; a ``TeacherCache`` and stored pseudo-labels
+look the answer up by index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from deit.checkpoint import is_deit_checkpoint, load_checkpoint, model_from_checkpoint, read_state_dict
+from deit.checkpoint import Checkpoint, is_deit_checkpoint, load_checkpoint, read_state_dict
 from deit.config import ConfigError
 from deit.errors import DeitError
 from deit.models import create_model, is_deit_model
@@ -29,6 +35,14 @@ from deit.models import create_model, is_deit_model
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L")
+
+
+class TeacherLike(Protocol):
+    """What the training step calls: logits (or log-probabilities) for a batch of training images."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class TeacherMismatchError(DeitError, ValueError):
@@ -90,7 +104,8 @@ class Teacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits on ``x``; ``indices`` (the images' training-set positions) are not needed."""
         return self.model(self.to_teacher_input(x).contiguous(memory_format=self.memory_format))
 
 
@@ -146,10 +161,9 @@ def load_teacher_network(
     if teacher_path:
         state = load_checkpoint(teacher_path)
         if is_deit_checkpoint(state):
-            model = model_from_checkpoint(state)
-            data = state["data"]
-            spec = InputSpec(state["model_spec"]["in_chans"], tuple(data["mean"]), tuple(data["std"]))
-            return model, spec, list(data["class_names"]), f"{state['model_spec']['name']} ({teacher_path})"
+            saved = Checkpoint.from_state(state, teacher_path)
+            spec = InputSpec(saved.model_spec.in_chans, saved.data.mean, saved.data.std)
+            return saved.build_model(), spec, list(saved.data.class_names), f"{saved.model_spec.name} ({teacher_path})"
         if not teacher_model:
             raise TeacherMismatchError(
                 f"{teacher_path} was not written by `deit train`, so it does not say which network it holds; "

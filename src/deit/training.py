@@ -12,9 +12,12 @@ process torchrun starts. Output directory layout (written by rank 0 only):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from deit.checkpoint import atomic_path, save_checkpoint
+from deit.checkpoint import atomic_path
 from deit.config import TrainConfig, save_config
 from deit.distributed import Distributed, destroy_process_group, from_environment, init_process_group
-from deit.engine import EpochMeter, NonFiniteLossError, StepGuard, evaluate, train_one_epoch
+from deit.engine import EpochMeter, NonFiniteLossError, evaluate, train_steps
 from deit.interrupts import RunInterrupted, StopRequest, stop_on_signals
+from deit.progress import StepProgress
 from deit.pseudo_labels import PseudoLabelTeacher
 from deit.resume import resume, resume_source
 from deit.run import Progress, Run, RunError, build_run, model_options, resolve_device
@@ -54,49 +58,103 @@ def fit(config: TrainConfig, stop: StopRequest | None = None) -> TrainResult:
     SIGTERM / SIGINT (or ``stop.request``) end the run after the current step with a checkpoint, raising
     ``RunInterrupted``; a non-finite loss raises ``NonFiniteLossError`` on every process, writing nothing.
     """
+    started = time.perf_counter()
     layout = from_environment()
-    init_process_group(layout, resolve_device(config.run.device, layout))
+    stop = stop or StopRequest()
+    with _process_group(layout, resolve_device(config.run.device, layout)), stop_on_signals(stop):
+        out = _output_dir(config, layout)
+        run = build_run(config, layout)
+        _log_start(run)
+        progress = _resume_or_start(run, out)
+        with RunLogs(out if layout.is_main else None, config.run.tensorboard) as logs:
+            logs.start(config, progress, first_step=progress.epoch * run.steps_per_epoch + progress.epoch_step)
+            teacher_metrics = _evaluate_teacher(run)
+            for epoch in range(progress.epoch, config.optim.epochs):
+                record = _train_epoch(run, epoch, progress, logs, stop)
+                if _evaluates(epoch, config.optim.epochs, config.run.eval_interval):
+                    _evaluate_epoch(run, record, teacher_metrics)
+                _end_epoch(run, progress, record, logs)
+                if _stop_agreed(run, stop):  # a signal during the evaluation: the epoch's checkpoint is written
+                    raise RunInterrupted(stop.signal_number or signal.SIGTERM, logs.checkpoint_name)
+    final = progress.history[-1].get("val", {}) if progress.history else {}
+    seconds = time.perf_counter() - started
+    return TrainResult(out, final, progress.best_acc1, teacher_metrics, progress.history, seconds, run.model)
+
+
+def _train_epoch(run: Run, epoch: int, progress: Progress, logs: RunLogs, stop: StopRequest) -> dict[str, Any]:
+    """Train the rest of ``epoch``; between steps, log each one, checkpoint when asked, and stop on a signal."""
+    config, layout = run.config, run.layout
+    started, images_before = time.perf_counter(), progress.meter.images
+    run.data.train_sampler.set_epoch(
+        epoch, start=progress.epoch_step * config.optim.accum_steps * config.optim.batch_size
+    )
+    if isinstance(run.teacher, TeacherCache):
+        run.teacher.set_epoch(epoch)
+    steps_left = run.steps_per_epoch - progress.epoch_step
+    # a bar on a terminal; in a log file, a line every log_interval steps
+    report = StepProgress(
+        steps_left,
+        f"epoch {epoch + 1}/{config.optim.epochs}",
+        enabled=config.run.progress and layout.is_main,
+        log_interval=config.run.log_interval,
+    )
+    records = train_steps(
+        run.step_parts(),
+        run.data.train_loader,
+        first_step=epoch * run.steps_per_epoch + progress.epoch_step,
+        steps=steps_left,
+        meter=progress.meter,
+        reduce=layout.sum if layout.enabled else None,
+        stop_requested=lambda: stop.requested,
+    )
+    for record in records:
+        if record.nonfinite:
+            raise NonFiniteLossError(
+                f"the loss is not finite at step {record.step} on {record.nonfinite} of {layout.world_size} "
+                "process(es); stopping without taking the step. The last checkpoint holds the weights before it: "
+                "lower --lr, or set --clip-grad"
+            )
+        progress.epoch_step += 1
+        logs.step({"step": record.step, "epoch": epoch + 1, "loss": record.loss, "lr": record.lr})
+        report.update(record.images, loss=record.loss, lr=record.lr)
+        if record.stop:  # also at an epoch's last step: the epoch's evaluation then runs after the resume
+            logs.checkpoint(run, progress)
+            log.warning("stop requested: checkpoint written after step %d", record.step + 1)
+            raise RunInterrupted(stop.signal_number or signal.SIGTERM, logs.checkpoint_name)
+        every = config.run.checkpoint_steps
+        if every and progress.epoch_step % every == 0 and progress.epoch_step < run.steps_per_epoch:
+            logs.checkpoint(run, progress)  # the epoch's own checkpoint follows its evaluation
+    report.close()
+    seconds = time.perf_counter() - started
+    train = progress.meter.means(layout.sum)  # losses over every process's micro-batches
+    rate = torch.tensor((progress.meter.images - images_before) / max(seconds, 1e-9))
+    train.update(
+        lr=progress.meter.lr, steps=run.steps_per_epoch, images_per_sec=layout.sum(rate).item(), seconds=seconds
+    )
+    return {"epoch": epoch + 1, "train": train, "seconds": seconds}
+
+
+def _stop_agreed(run: Run, stop: StopRequest) -> bool:
+    """At an epoch's end (after its checkpoint): did any process get a stop request?"""
+    return bool(run.layout.sum(torch.tensor(float(stop.requested))) > 0)
+
+
+@contextlib.contextmanager
+def _process_group(layout: Distributed, device: torch.device) -> Iterator[None]:
+    init_process_group(layout, device)
     try:
-        with stop_on_signals(stop or StopRequest()) as request:
-            return _fit(config, layout, request)
+        yield
     finally:
         destroy_process_group()
 
 
-def _fit(config: TrainConfig, layout: Distributed, stop: StopRequest) -> TrainResult:
-    started = time.perf_counter()
-    out = _output_dir(config, layout)
-    run = build_run(config, layout)
-    _log_start(run)
-    source = resume_source(config, out)
-    progress = resume(run, source) if source is not None else Progress()
-    if source is not None:
-        log.info("resumed from %s at epoch %d, step %d", source, progress.epoch, progress.epoch_step)
-    logs = RunLogs(out, config.run.tensorboard) if layout.is_main else RunLogs(None)
-    try:
-        return _train(run, progress, logs, stop, started)
-    finally:
-        logs.close()
-
-
-def _train(run: Run, progress: Progress, logs: RunLogs, stop: StopRequest, started: float) -> TrainResult:
-    config = run.config
-    logs.start(config, progress, first_step=progress.epoch * run.steps_per_epoch + progress.epoch_step)
-    teacher_metrics = _evaluate_teacher(run)
-    guard = RunGuard(run, progress, logs, stop)
-    for epoch in range(progress.epoch, config.optim.epochs):
-        record = _train_epoch(run, epoch, progress, guard)
-        if record is None:  # stopped by a signal inside the epoch; the guard saved the checkpoint
-            raise RunInterrupted(stop.signal_number or 15, logs.checkpoint_name)
-        if _evaluates(epoch, config.optim.epochs, config.run.eval_interval):
-            _evaluate_epoch(run, record, teacher_metrics)
-        _end_epoch(run, progress, record, logs)
-        if guard.stop_agreed():
-            raise RunInterrupted(stop.signal_number or 15, logs.checkpoint_name)
-    final = progress.history[-1]["val"] if progress.history else {}
-    return TrainResult(
-        logs.out, final, progress.best_acc1, teacher_metrics, progress.history, time.perf_counter() - started, run.model
-    )
+def _resume_or_start(run: Run, out: Path | None) -> Progress:
+    source = resume_source(run.config, out)
+    if source is None:
+        return Progress()
+    progress = resume(run, source)
+    log.info("resumed from %s at epoch %d, step %d", source, progress.epoch, progress.epoch_step)
+    return progress
 
 
 def _evaluates(epoch: int, epochs: int, interval: int) -> bool:
@@ -166,51 +224,6 @@ def _evaluate_teacher(run: Run) -> dict[str, float] | None:
     return metrics
 
 
-def _train_epoch(run: Run, epoch: int, progress: Progress, guard: RunGuard) -> dict[str, Any] | None:
-    """Train the rest of ``epoch``; the epoch's record, or None if a stop request ended it early."""
-    config = run.config
-    started = time.perf_counter()
-    accum = config.optim.accum_steps
-    run.data.train_sampler.set_epoch(epoch, start=progress.epoch_step * accum * config.optim.batch_size)
-    if isinstance(run.teacher, TeacherCache):
-        run.teacher.set_epoch(epoch)
-    metrics = train_one_epoch(
-        run.train_model,
-        run.criterion,
-        run.data.train_loader,
-        run.optimizer,
-        lr_at=run.schedule,
-        first_step=epoch * run.steps_per_epoch + progress.epoch_step,
-        steps=run.steps_per_epoch - progress.epoch_step,
-        device=run.device,
-        precision=run.precision,
-        teacher=run.teacher,
-        mixup=run.mixup,
-        accum_steps=accum,
-        ema=run.ema,
-        scaler=run.scaler,
-        clip_grad=config.optim.clip_grad,
-        progress=config.run.progress and run.layout.is_main,
-        log_interval=config.run.log_interval,
-        description=f"epoch {epoch + 1}/{config.optim.epochs}",
-        meter=progress.meter,
-        guard=guard,
-        seed=config.run.seed,
-        rank=run.layout.rank,
-        batch_transform=run.data.batch_transform,
-    )
-    if guard.stopped:
-        return None
-    train = progress.meter.means(run.layout.sum)  # losses over every process's micro-batches
-    train.update(
-        lr=progress.meter.lr,
-        steps=run.steps_per_epoch,
-        images_per_sec=run.layout.sum(torch.tensor(metrics["images_per_sec"])).item(),
-        seconds=metrics["seconds"],
-    )
-    return {"epoch": epoch + 1, "train": train, "seconds": time.perf_counter() - started}
-
-
 def _end_epoch(run: Run, progress: Progress, record: dict[str, Any], logs: RunLogs) -> None:
     progress.history.append(record)
     progress.epoch, progress.epoch_step, progress.meter = record["epoch"], 0, EpochMeter()
@@ -262,7 +275,10 @@ class RunLogs:
                     self.writer.add_scalar(f"{section}/{key}", value, record["epoch"])
             self.writer.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> RunLogs:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -272,10 +288,10 @@ class RunLogs:
         meters = run.layout.gather(progress.meter.state_dict())
         if self.out is None:
             return
-        state = run.checkpoint_state(progress, meters)
-        save_checkpoint(state, self.out / "checkpoint.pth")
+        checkpoint = run.checkpoint(progress, meters)
+        checkpoint.save(self.out / "checkpoint.pth")
         if best:
-            save_checkpoint(state, self.out / "best.pth")
+            checkpoint.save(self.out / "best.pth")
 
     @staticmethod
     def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
@@ -297,50 +313,3 @@ def _check_finite(model: nn.Module) -> None:
     bad = [name for name, value in weights if value.is_floating_point() and not value.isfinite().all()]
     if bad:
         raise NonFiniteLossError(f"the weights are no longer finite ({bad[:3]}...); no checkpoint was written")
-
-
-class RunGuard(StepGuard):
-    """Between steps: agree on the loss and on stopping across processes, log the step, checkpoint mid-epoch."""
-
-    def __init__(self, run: Run, progress: Progress, logs: RunLogs, stop: StopRequest) -> None:
-        self.run, self.progress, self.logs, self.stop = run, progress, logs, stop
-        self.stopped = False  # a stop was agreed on and the checkpoint written
-        self._stop_pending = False
-
-    def agree(self, loss: torch.Tensor, step: int) -> float:
-        """One all-reduce per micro-batch: the loss sum, how many processes have a non-finite loss or a stop."""
-        flags = torch.stack(
-            [
-                loss.detach().float().cpu(),
-                (~torch.isfinite(loss.detach())).float().cpu(),
-                torch.tensor(float(self.stop.requested)),
-            ]
-        )
-        total = self.run.layout.sum(flags)
-        if total[1] > 0:
-            raise NonFiniteLossError(
-                f"the loss is not finite at step {step} on {int(total[1])} of {self.run.layout.world_size} "
-                f"process(es) (this one: {loss.item()}); stopping without taking the step. "
-                "The last checkpoint holds the weights before it: lower --lr, or set --clip-grad"
-            )
-        self._stop_pending = self._stop_pending or bool(total[2] > 0)
-        return total[0].item() / self.run.layout.world_size
-
-    def after_step(self, step: int, loss: float, lr: float) -> bool:
-        self.progress.epoch_step += 1
-        self.logs.step({"step": step, "epoch": self.progress.epoch + 1, "loss": loss, "lr": lr})
-        if self._stop_pending:
-            # also at an epoch's last step: the epoch's evaluation then runs after the resume, not now
-            self.logs.checkpoint(self.run, self.progress)
-            self.stopped = True
-            log.warning("stop requested: checkpoint written after step %d", step + 1)
-            return True
-        every = self.run.config.run.checkpoint_steps
-        if every and self.progress.epoch_step % every == 0 and self.progress.epoch_step < self.run.steps_per_epoch:
-            self.logs.checkpoint(self.run, self.progress)  # the epoch's own checkpoint follows its evaluation
-        return False
-
-    def stop_agreed(self) -> bool:
-        """At an epoch's end (after its checkpoint): did any process get a stop request?"""
-        requested = self.run.layout.sum(torch.tensor(float(self.stop.requested or self._stop_pending)))
-        return bool(requested > 0)

@@ -13,8 +13,7 @@ from deit.analysis import figures
 from deit.analysis.agreement import agreement_matrix, collect_predictions, confusion_matrix
 from deit.analysis.attention import token_maps
 from deit.analysis.tokens import head_cosine, token_cosine_labels, token_cosines
-from deit.checkpoint import load_checkpoint, model_from_checkpoint
-from deit.data import build_eval_data
+from deit.checkpoint import Checkpoint
 from deit.engine import Precision
 from deit.models import VisionTransformer
 from deit.run import resolve_device
@@ -39,26 +38,19 @@ def analyze_checkpoint(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Write ``analysis.json`` and PNG figures into ``output_dir``; returns what the JSON holds."""
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state).eval()
+    saved = Checkpoint.load(checkpoint)
+    model = saved.build_model().eval()
     torch_device = resolve_device(device)
-    saved = state["data"]
-    loader, info = build_eval_data(
-        dataset or saved["dataset"],
-        data_path if data_path is not None else state.get("config", {}).get("data", {}).get("path"),
-        batch_size=batch_size,
-        input_size=saved["input_size"],
-        in_chans=state["model_spec"]["in_chans"],
-    )
+    loader, info = saved.eval_data(dataset=dataset, data_path=data_path, batch_size=batch_size)
     others = {}
     if teacher:
         spec = InputSpec(info.in_chans, info.mean, info.std)
         others["teacher"] = build_teacher(
             None, teacher, student_input=spec, num_classes=info.num_classes, class_names=info.class_names,
-            input_size=saved["input_size"],
+            input_size=saved.data.input_size,
         )  # fmt: skip
     if baseline:
-        others["baseline"] = model_from_checkpoint(load_checkpoint(baseline))
+        others["baseline"] = Checkpoint.load(baseline).build_model()
     predictions = collect_predictions(
         model.to(torch_device),
         loader,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from deit.data.batched import BatchAugment, InMemoryBatches, whole_batch
+from deit.data.batch import Batch, collate_samples, whole_batch
+from deit.data.batched import BatchAugment, InMemoryBatches
 from deit.data.datasets import (
     DATASET_ALIASES,
     DataError,
@@ -23,6 +25,7 @@ from deit.data.unlabeled import UNLABELED, build_pool, count_labeled
 
 __all__ = [
     "DATASET_ALIASES",
+    "Batch",
     "DataBundle",
     "DataError",
     "DatasetInfo",
@@ -55,12 +58,12 @@ class Unlabeled:
 
 @dataclass(frozen=True)
 class DataBundle:
-    train_loader: DataLoader  # yields this process's batches; set_epoch on train_sampler first
+    train_loader: DataLoader  # yields this process's ``Batch`` records; set_epoch on train_sampler first
     train_sampler: EpochSampler | MixedEpochSampler
     val_loader: DataLoader  # this process's share of the validation set: each image on exactly one process
     info: DatasetInfo
     input_size: int
-    # with whole-batch augmentation, the train loader yields (uint8 images, labels, seeds) for this to finish
+    # with whole-batch augmentation, the train loader yields uint8 images and their seeds for this to finish
     batch_transform: BatchAugment | None = None
 
 
@@ -130,7 +133,7 @@ def build_data(
         )  # fmt: skip
     else:
         train_loader = _loader(
-            SeededSamples(train_set), batch_size, sampler, workers=num_workers, pin=pin_memory, train=True
+            SeededSamples(train_set), batch_size, sampler, workers=num_workers, pin=pin_memory, collate=collate_samples
         )
     val_sampler = ShardSampler(len(val_set), num_replicas=num_replicas, rank=rank)
     val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, val_sampler, workers=num_workers, pin=pin_memory)
@@ -211,13 +214,15 @@ def _transform_stats(info: DatasetInfo, input_size: int) -> dict:
 
 
 def _loader(
-    dataset: Dataset, batch_size: int, sampler: Sampler, *, workers: int, pin: bool, train: bool = False
+    dataset: Dataset, batch_size: int, sampler: Sampler, *, workers: int, pin: bool, collate: Callable | None = None
 ) -> DataLoader:
+    """A training loader when ``collate`` makes ``Batch`` records; an evaluation loader of (images, labels) without."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        drop_last=train,  # equal-sized training batches on every process; evaluation sees every image
+        collate_fn=collate,
+        drop_last=collate is not None,  # equal-sized training batches on every process; evaluation sees every image
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from deit.data.batch import Batch
+
 _MODULUS = 2**31 - 1  # the Park–Miller generator: x -> 48271 x mod (2^31 - 1); products stay below 2^47
 _MULTIPLIER = 48271
 
@@ -51,7 +53,7 @@ def hashed_normals(seeds: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class InMemoryBatches(Dataset):
-    """uint8 images (N, C, H, W) and labels, fetched a batch at a time as (images, labels, seeds, indices)."""
+    """uint8 images (N, C, H, W) and labels, fetched a batch at a time as a ``Batch`` with seeds."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images = images
@@ -60,18 +62,13 @@ class InMemoryBatches(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Batch:
         indices = torch.tensor([index for index, _ in keys])
         seeds = torch.tensor([seed for _, seed in keys], dtype=torch.int64)
-        return self.images[indices], self.labels[indices], seeds, indices
+        return Batch(self.images[indices], self.labels[indices], indices, seeds)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-        return tuple(part[0] for part in self.__getitems__([key]))
-
-
-def whole_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The loader's collate function: ``__getitems__`` already returns the batch."""
-    return batch
+    def __getitem__(self, key: tuple[int, int]) -> Batch:
+        return Batch(*(part[0] for part in self.__getitems__([key])))
 
 
 # Random Erasing's box, as timm draws it: area 2-33 % of the image, aspect ratio 0.3-3.3 (log-uniform),
