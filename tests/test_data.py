@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import needs_fashion_mnist, write_image
-from deit.data import DataError, build_data, canonical_dataset_name, load_datasets
+from deit.data import Batch, DataError, build_data, canonical_dataset_name, load_datasets
 from deit.data.batched import BatchAugment
 from deit.data.datasets import FASHION_MNIST_CLASSES, ImageFileDataset, balanced_subset, load_image, read_idx
 
@@ -362,7 +362,7 @@ def test_batch_augment_depends_on_each_images_seed_only():
 
 
 @needs_fashion_mnist
-def test_in_memory_data_uses_whole_batch_augmentation_unless_the_recipe_needs_images():
+def test_in_memory_data_uses_whole_batch_augmentation_unless_asked_not_to():
     data = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320)
     images, labels, indices, seeds = next(iter(data.train_loader))
     assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28) and seeds.shape == indices.shape == (32,)
@@ -370,10 +370,17 @@ def test_in_memory_data_uses_whole_batch_augmentation_unless_the_recipe_needs_im
     assert data.batch_transform(images, seeds).shape == (32, 1, 28, 28)
     erasing = build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320, random_erasing=0.25)
     assert erasing.batch_transform is not None and erasing.batch_transform.random_erasing == 0.25
-    per_image = build_data(
-        "fashion-mnist", None, batch_size=32, seed=0, train_subset=320, rand_augment="rand-m9-mstd0.5"
+    paper = build_data(
+        "fashion-mnist", None, batch_size=32, seed=0, train_subset=320, rand_augment="rand-m9-mstd0.5-inc1"
     )
-    assert per_image.batch_transform is None and next(iter(per_image.train_loader))[0].dtype == torch.float32
+    assert paper.batch_transform.rand_augment.policy.increasing  # the paper's recipe, whole-batch too
+    assert paper.batch_transform.rand_augment.fill == (73,)  # round(255 x the data set's mean), as timm's hparams
+    for per_image in (
+        build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320, rand_augment="rand-m9-mstd0.5",
+                   batched=False),
+        build_data("fashion-mnist", None, batch_size=32, seed=0, train_subset=320, rand_augment="rand-m9-tweights"),
+    ):  # fmt: skip
+        assert per_image.batch_transform is None and next(iter(per_image.train_loader))[0].dtype == torch.float32
 
 
 def _erased_boxes(out: torch.Tensor, background: float) -> list[tuple[int, int] | None]:
@@ -431,3 +438,13 @@ def test_batch_random_erasing_depends_on_each_images_seed_only():
     plain = BatchAugment(mean=(0.5,), std=(0.2,), padding=3)(images, seeds)
     differs = (whole != plain).flatten(1).any(dim=1)
     assert 16 < int(differs.sum()) < 48  # erasing only changes some images; their crop and flip are unchanged
+
+
+def test_a_batch_moves_its_images_and_labels_and_keeps_indices_and_seeds_on_the_host():
+    """The indices and seeds decide on the host (cache lookups, augmentation draws): no device round trip."""
+    batch = Batch(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([1, 2]), torch.tensor([5, 6]),
+                  torch.tensor([7, 8]))  # fmt: skip
+    moved = batch.to(torch.device("meta"))  # a device other than the host's, without a GPU
+    assert moved.images.device.type == moved.labels.device.type == "meta"
+    assert moved.indices is batch.indices and moved.seeds is batch.seeds
+    assert Batch(batch.images, batch.labels, batch.indices).to(torch.device("meta")).seeds is None

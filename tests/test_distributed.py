@@ -18,10 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_fashion_mnist
 from deit.checkpoint import load_checkpoint
 from deit.config import TrainConfig, save_config, with_overrides
 from deit.training import fit
-from test_faults import REPO, folder, read_jsonl, recipe, teacher  # noqa: F401 (fixtures used by name)
+from test_faults import (  # noqa: F401 (fixtures used by name)
+    REPO,
+    fashion_teacher,
+    folder,
+    in_memory_recipe,
+    read_jsonl,
+    recipe,
+    teacher,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +75,21 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(folder,
         assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], abs=1e-4)
     state = load_checkpoint(tmp_path / "two" / "checkpoint.pth")
     assert state["world_size"] == 2 and len(state["meters"]) == 2
+
+
+@needs_fashion_mnist
+def test_two_processes_match_one_with_whole_batch_randaugment(fashion_teacher, tmp_path):  # noqa: F811
+    """The in-memory path: each image's crop, RandAugment ops and erased box come from its own seed."""
+    no_batch_draws = {"augment.mixup": 0.0, "augment.cutmix": 0.0, "model.drop_path": 0.0, "data.num_workers": 0}
+    one = in_memory_recipe(fashion_teacher, tmp_path / "one", **no_batch_draws, **{"run.checkpoint_steps": None})
+    fit(with_overrides(TrainConfig(), one))
+    two = {**one, "optim.batch_size": 8, "run.output_dir": str(tmp_path / "two")}
+    child = torchrun(["-m", "deit", "train", "--config", str(write_config(two, tmp_path / "two.yaml"))], tmp_path)
+    assert child.wait(timeout=300) == 0
+    steps_one, steps_two = read_jsonl(tmp_path / "one" / "steps.jsonl"), read_jsonl(tmp_path / "two" / "steps.jsonl")
+    assert [s["step"] for s in steps_two] == [s["step"] for s in steps_one] == list(range(12))
+    for a, b in zip(steps_one, steps_two, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
 
 
 NAN_ON_RANK_1 = textwrap.dedent(

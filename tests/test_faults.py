@@ -24,7 +24,7 @@ import timm
 import torch
 
 import deit.losses
-from conftest import write_image
+from conftest import needs_fashion_mnist, write_image
 from deit.checkpoint import load_checkpoint, save_checkpoint
 from deit.cli import main
 from deit.config import TrainConfig, with_overrides
@@ -180,6 +180,33 @@ def test_resume_with_more_loader_workers_is_still_identical(folder, teacher, uni
     assert run_child(values, kill_at=3) == -signal.SIGKILL
     fit(with_overrides(TrainConfig(), {**values, "run.resume": "auto", "data.num_workers": 0}))
     assert_same_run(uninterrupted, out)
+
+
+@pytest.fixture(scope="module")
+def fashion_teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fashion_teacher") / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=10, in_chans=1).state_dict(), path)
+    return path
+
+
+def in_memory_recipe(teacher: Path, out: Path, **overrides) -> dict:
+    """The recipe on in-memory Fashion-MNIST: crop, flip, RandAugment and Random Erasing run whole-batch."""
+    data = {"data.dataset": "fashion-mnist", "data.path": None, "data.input_size": None, "data.train_subset": 96}
+    return recipe(Path("unused"), teacher, out, **{**data, "distill.teacher_path": str(teacher), **overrides})
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical_with_whole_batch_augmentation(fashion_teacher, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_child(in_memory_recipe(fashion_teacher, whole), kill_at=-1) == 0
+    values = in_memory_recipe(fashion_teacher, resumed)
+    assert run_child(values, kill_at=4) == -signal.SIGKILL
+    config = with_overrides(TrainConfig(), {**values, "run.resume": "auto"})
+    assert config.augment.rand_augment and config.augment.batched  # the whole-batch path, with the paper's policy
+    fit(config)
+    assert_same_run(whole, resumed)
 
 
 # --- atomic checkpoints under repeated kills ---------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_resume_with_a_cache_is_bit_identical(teacher_file, tmp_path, monkeypatc
     [
         ({"augment.mixup": 0.8}, "Mixup"),
         ({"augment.repeated_aug": 3}, "repeated"),
-        ({"augment.rand_augment": "rand-m9-mstd0.5-inc1"}, "in-memory"),
+        ({"augment.batched": False}, "in-memory"),
     ],
 )
 def test_the_cache_refuses_recipes_it_cannot_serve(teacher_file, overrides, reason):
@@ -102,11 +102,12 @@ def test_the_cache_refuses_recipes_it_cannot_serve(teacher_file, overrides, reas
         build_run(cached_config(teacher_file, None, **overrides))
 
 
-def test_the_cache_serves_whole_batch_random_erasing(teacher_file):
-    """Random Erasing is drawn from each view's seed, so the erased view is fixed and its teacher logits cacheable."""
-    run = build_run(cached_config(teacher_file, None, **{"augment.random_erasing": 0.25}))
+def test_the_cache_serves_the_papers_augmentations(teacher_file):
+    """RandAugment and Random Erasing are drawn from each view's seed: a view is fixed, its teacher logits cacheable."""
+    paper = {"augment.random_erasing": 0.25, "augment.rand_augment": "rand-m9-mstd0.5-inc1"}
+    run = build_run(cached_config(teacher_file, None, **paper))
     assert isinstance(run.teacher, deit.teacher_cache.TeacherCache)
-    assert run.data.batch_transform.random_erasing == 0.25
+    assert run.data.batch_transform.random_erasing == 0.25 and run.data.batch_transform.rand_augment is not None
 
 
 def test_compiled_student_and_channels_last_teacher_train_as_the_plain_ones(teacher_file):

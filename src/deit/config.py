@@ -54,7 +54,7 @@ class AugmentConfig:
     mix_prob: float = 1.0  # probability of mixing a batch at all
     mix_switch_prob: float = 0.5  # with both on: probability of CutMix rather than Mixup
     repeated_aug: int = 1  # copies of each sampled image per epoch, each augmented anew; paper: 3
-    batched: bool = True  # in-memory data (Fashion-MNIST, CIFAR) without RandAugment: crop, flip and erase whole
+    batched: bool = True  # in-memory data (Fashion-MNIST, CIFAR): crop, flip, RandAugment and erase whole
     #                       batches on the device instead of image by image (same distribution, other draws)
 
 

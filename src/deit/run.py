@@ -187,7 +187,7 @@ def _cached(teacher: Teacher, config: TrainConfig, data: DataBundle) -> TeacherC
     """The teacher behind a cache of its logits per (image, view); see deit.teacher_cache for when it applies."""
     problems = []
     if data.batch_transform is None:
-        problems.append("in-memory data at its native size without RandAugment (whole-batch augmentation)")
+        problems.append("in-memory data at its native size (whole-batch augmentation, drawn from each view's seed)")
     if config.augment.mixup > 0 or config.augment.cutmix > 0:
         problems.append("no Mixup / CutMix (the teacher must see the mixed image)")
     if config.augment.repeated_aug > 1:

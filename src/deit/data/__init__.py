@@ -19,6 +19,7 @@ from deit.data.datasets import (
     canonical_dataset_name,
     load_datasets,
 )
+from deit.data.rand_augment import BatchRandAugment, RandAugmentPolicy
 from deit.data.samplers import EpochSampler, MixedEpochSampler, SeededSamples, ShardSampler
 from deit.data.transforms import eval_transform, train_transform
 from deit.data.unlabeled import UNLABELED, build_pool, count_labeled
@@ -120,12 +121,14 @@ def build_data(
             len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed, views=views
         )
     batch_transform = None
-    if batched and _can_batch(train_set, size, info, rand_augment, random_erasing):
+    if batched and _can_batch(train_set, size, info, rand_augment):
         # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
         images, labels = _in_memory(train_set)
+        policy = RandAugmentPolicy.parse(rand_augment) if rand_augment else None
         batch_transform = BatchAugment(
-            info.mean, info.std, padding=max(1, size // 8), hflip=hflip, random_erasing=random_erasing
-        )
+            info.mean, info.std, padding=max(1, size // 8), hflip=hflip, random_erasing=random_erasing,
+            rand_augment=BatchRandAugment(policy, tuple(round(255 * m) for m in info.mean)) if policy else None,
+        )  # fmt: skip
         train_loader = DataLoader(
             InMemoryBatches(images, labels), batch_size=batch_size, sampler=sampler, drop_last=True,
             collate_fn=whole_batch, num_workers=num_workers, pin_memory=pin_memory,
@@ -189,10 +192,11 @@ def _training_pool(
     return train_set
 
 
-def _can_batch(dataset: Dataset, size: int, info: DatasetInfo, rand_augment: str | None, erasing: float) -> bool:
+def _can_batch(dataset: Dataset, size: int, info: DatasetInfo, rand_augment: str | None) -> bool:
+    """In-memory images at their own size, and a RandAugment policy (if any) that the whole-batch ops draw."""
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    # RandAugment works per image, on PIL images; crop, flip and Random Erasing have whole-batch versions
-    return isinstance(base, TensorImageDataset) and rand_augment is None and size == info.native_size
+    drawable = rand_augment is None or RandAugmentPolicy.parse(rand_augment) is not None
+    return isinstance(base, TensorImageDataset) and drawable and size == info.native_size
 
 
 def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,15 +24,14 @@ class Batch(NamedTuple):
     seeds: torch.Tensor | None = None  # (B,) int64 augmentation seeds, for whole-batch augmentation
 
     def to(self, device: torch.device) -> Batch:
-        """Images, labels and seeds on ``device``; the indices stay on the host.
+        """Images and labels on ``device``; the indices and seeds stay on the host.
 
-        The indices look up host-side tables (the teacher cache's flags), and a
-        lookup from device indices would make the host wait for the device at
-        every micro-batch.
+        Both decide things on the host: the indices look up the teacher cache's
+        flags, the seeds draw which augmentation each image gets. Reading them
+        back from the device would make the host wait at every micro-batch.
         """
-        seeds = None if self.seeds is None else self.seeds.to(device, non_blocking=True)
         images, labels = (part.to(device, non_blocking=True) for part in (self.images, self.labels))
-        return Batch(images, labels, self.indices, seeds)
+        return Batch(images, labels, self.indices, self.seeds)
 
 
 def collate_samples(samples: Sequence[tuple[torch.Tensor, int, int]]) -> Batch:

@@ -10,8 +10,8 @@ Each image's crop offset and flip come from its own seed (the sampler's
 per-position seed), through a small counter-based generator evaluated for
 the whole batch at once, so the result does not depend on the batch, the
 process or the device: resume and multi-process runs stay exact. It covers
-the small-image recipe (pad-crop, flip) and Random Erasing; RandAugment uses
-the per-image pipeline.
+the small-image recipe (pad-crop, flip), RandAugment (``data.rand_augment``)
+and Random Erasing.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from deit.data.batch import Batch
+from deit.data.rand_augment import BatchRandAugment
 
 _MODULUS = 2**31 - 1  # the Park–Miller generator: x -> 48271 x mod (2^31 - 1); products stay below 2^47
 _MULTIPLIER = 48271
@@ -91,25 +92,35 @@ class BatchAugment:
     padding: int
     hflip: float = 0.5
     random_erasing: float = 0.0  # probability of one erased box of normal noise per image (timm's "pixel" mode)
+    rand_augment: BatchRandAugment | None = None  # after the crop and flip, before normalising (timm's order)
 
     def __call__(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) and int64 seeds (B,) -> normalised float (B, C, H, W)."""
+        """uint8 (B, C, H, W) on the device and int64 seeds (B,) -> normalised float (B, C, H, W).
+
+        The draws are made on the host, where the seeds arrive: the device never waits for a choice.
+        """
         batch, channels, height, width = images.shape
-        seeds = seeds.to(images.device)
-        draws = uniform_draws(seeds, _CROP_DRAWS + (1 + 4 * ERASE_TRIES if self.random_erasing > 0 else 0))
+        device = images.device
+        erase_draws = 1 + 4 * ERASE_TRIES if self.random_erasing > 0 else 0
+        extra = self.rand_augment.draws_per_image if self.rand_augment is not None else 0
+        draws = uniform_draws(seeds.cpu(), _CROP_DRAWS + erase_draws + extra)  # (B, draws) on the host
+        crop = draws[:, :_CROP_DRAWS].to(device, non_blocking=True)
         span = 2 * self.padding + 1
-        rows = (draws[:, 0] * span).long().clamp(max=span - 1)[:, None] + torch.arange(height, device=images.device)
-        cols = (draws[:, 1] * span).long().clamp(max=span - 1)[:, None] + torch.arange(width, device=images.device)
-        flip = draws[:, 2] < self.hflip
+        rows = (crop[:, 0] * span).long().clamp(max=span - 1)[:, None] + torch.arange(height, device=device)
+        cols = (crop[:, 1] * span).long().clamp(max=span - 1)[:, None] + torch.arange(width, device=device)
+        flip = crop[:, 2] < self.hflip
         cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the crop's columns right to left
         padded = F.pad(images, (self.padding,) * 4)  # zeros, as torchvision's RandomCrop(padding=...)
-        picked = padded[torch.arange(batch, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-        out = picked.permute(0, 3, 1, 2).float().div_(255)  # (B, H, W, C) -> (B, C, H, W)
-        mean = torch.tensor(self.mean, device=images.device).view(1, channels, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, channels, 1, 1)
-        out = out.sub_(mean).div_(std)
+        picked = padded[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        out = picked.permute(0, 3, 1, 2).float()  # (B, H, W, C) -> (B, C, H, W), values 0-255
+        if self.rand_augment is not None:  # on uint8 values, as timm's on PIL images: after the crop, before scaling
+            out = self.rand_augment(out, draws[:, _CROP_DRAWS + erase_draws :])
+        mean = torch.tensor(self.mean, device=device).view(1, channels, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, channels, 1, 1)
+        out = out.div_(255).sub_(mean).div_(std)
         if self.random_erasing > 0:
-            out = self._erase(out, seeds, draws[:, _CROP_DRAWS:])
+            erase = draws[:, _CROP_DRAWS : _CROP_DRAWS + erase_draws].to(device, non_blocking=True)
+            out = self._erase(out, seeds.to(device, non_blocking=True), erase)
         return out
 
     def _erase(self, images: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
