@@ -92,17 +92,23 @@ ROWS = (
 )
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_student_budget(parser: argparse.ArgumentParser) -> None:
+    """The students' data, epochs and augmentation: the table's regime, shared with the teacher study."""
     parser.add_argument("--train-subset", type=int, default=5000, help="class-balanced training images (0: all)")
     parser.add_argument("--epochs", type=int, default=50, help="epochs of every student")
     parser.add_argument(
         "--views", type=int, default=10, help="fixed augmented views per image, for every row (the teacher cache's)"
     )
+    parser.add_argument("--rand-augment", default=None, help="RandAugment policy of the students (whole-batch)")
     parser.add_argument("--random-erasing", type=float, default=0.0, help="Random Erasing probability of the students")
     parser.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha of the students (needs --views 0)")
     parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha of the students (needs --views 0)")
     parser.add_argument("--eval-interval", type=int, default=2, help="evaluate students every N epochs")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_student_budget(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per student row")
     parser.add_argument("--teacher-seeds", type=int, default=2, help="teachers trained for the teacher row")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="default: the teacher preset's")
@@ -149,9 +155,10 @@ def student_config(args: argparse.Namespace, run: Run, seed: int, teacher: Path)
             # every row, the undistilled one too, cycles through the same fixed views of each image, so the
             # teacher's logits are computed once per view and no row sees more distinct images than another
             "distill.teacher_cache_views": args.views or None,
-            "augment.random_erasing": getattr(args, "random_erasing", 0.0),
-            "augment.mixup": getattr(args, "mixup", 0.0),
-            "augment.cutmix": getattr(args, "cutmix", 0.0),
+            "augment.rand_augment": args.rand_augment,
+            "augment.random_erasing": args.random_erasing,
+            "augment.mixup": args.mixup,
+            "augment.cutmix": args.cutmix,
             "run.eval_teacher": False,
             "run.eval_interval": args.eval_interval,
             "run.seed": seed,
@@ -254,7 +261,8 @@ def write_table(args, argv, summaries: dict[str, list[dict]], teachers: list[dic
             if args.views
             else "Every student sees a new augmentation of each image every epoch, the teacher online"
         )
-        + f"; crop and flip, Random Erasing {args.random_erasing}, Mixup {args.mixup}, CutMix {args.cutmix}; "
+        + f"; crop and flip, RandAugment {args.rand_augment or 'off'}, Random Erasing {args.random_erasing}, "
+        f"Mixup {args.mixup}, CutMix {args.cutmix}; "
         f"evaluated every {args.eval_interval} epochs.",
         f"Measured at commit {commit()} on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; this invocation took {(time.perf_counter() - started) / 60:.0f} min "
