@@ -448,3 +448,56 @@ def test_a_batch_moves_its_images_and_labels_and_keeps_indices_and_seeds_on_the_
     assert moved.images.device.type == moved.labels.device.type == "meta"
     assert moved.indices is batch.indices and moved.seeds is batch.seeds
     assert Batch(batch.images, batch.labels, batch.indices).to(torch.device("meta")).seeds is None
+
+
+# --- decode-once image folders ----------------------------------------------------------------------------------
+
+
+def test_a_small_image_folder_within_the_budget_is_decoded_once_and_trained_from_memory(
+    make_image_folder, tmp_path, monkeypatch
+):
+    import deit.data.decoded
+    from deit.data.batched import InMemoryBatches
+    from deit.data.datasets import decode_to_size, scan_image_folder
+
+    root = make_image_folder(per_class={"train": 6, "val": 2})
+    cache = tmp_path / "cache"
+    data = build_data("imagefolder", str(root), batch_size=6, seed=0, input_size=24, decode_budget_gb=1.0,
+                      decode_cache=str(cache))  # fmt: skip
+    assert isinstance(data.train_loader.dataset, InMemoryBatches) and data.batch_transform is not None
+    _, samples = scan_image_folder(root)
+    expected = torch.stack([decode_to_size(path, 3, 24) for path, _ in samples["train"]])
+    assert torch.equal(data.train_loader.dataset.images, expected)  # resized and centre-cropped, as the eval path
+    assert data.train_loader.dataset.labels.tolist() == [label for _, label in samples["train"]]
+    assert len(list(cache.glob("*.npy"))) == 1
+    # a second run reads the cache: no file is decoded again
+    with monkeypatch.context() as patched:
+        patched.setattr(deit.data.decoded, "decode_to_size", lambda *args: pytest.fail("decoded again"))
+        again = build_data("imagefolder", str(root), batch_size=6, seed=0, input_size=24, decode_budget_gb=1.0,
+                           decode_cache=str(cache))  # fmt: skip
+    assert torch.equal(again.train_loader.dataset.images, expected)
+    # a changed file makes a new cache file, which replaces the old one
+    changed = samples["train"][0][0]
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(changed, format=Image.open(changed).format)
+    third = build_data("imagefolder", str(root), batch_size=6, seed=0, input_size=24, decode_budget_gb=1.0,
+                       decode_cache=str(cache))  # fmt: skip
+    assert torch.equal(third.train_loader.dataset.images[0], decode_to_size(changed, 3, 24))
+    assert len(list(cache.glob("*.npy"))) == 1
+
+
+def test_folders_over_the_budget_or_of_large_images_keep_the_per_image_path(make_image_folder):
+    root = make_image_folder(per_class={"train": 6, "val": 2})
+    for size, budget in ((24, 1e-6), (24, 0.0), (96, 1.0)):
+        data = build_data("imagefolder", str(root), batch_size=6, seed=0, input_size=size, decode_budget_gb=budget)
+        assert data.batch_transform is None and next(iter(data.train_loader)).images.dtype == torch.float32
+
+
+def test_decoding_once_follows_bad_files(make_image_folder):
+    root = make_image_folder(per_class={"train": 6, "val": 2})
+    broken = root / "train" / "bee" / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.png"):
+        build_data("imagefolder", str(root), batch_size=6, seed=0, input_size=24, decode_budget_gb=1.0)
+    skipped = build_data("imagefolder", str(root), batch_size=6, seed=0, input_size=24, decode_budget_gb=1.0,
+                         bad_files="skip")  # fmt: skip
+    assert len(skipped.train_loader.dataset) == 18 and skipped.batch_transform is not None

@@ -67,6 +67,7 @@ def recipe(folder: Path, teacher: Path, out: Path, **overrides) -> dict:
         "data.path": str(folder),
         "data.input_size": 28,
         "data.num_workers": 2,
+        "data.decode_budget_gb": 0.0,  # the per-image path: files decoded and augmented in loader workers
         "augment.rand_augment": "rand-m9-mstd0.5-inc1",
         "augment.random_erasing": 0.25,
         "augment.mixup": 0.8,

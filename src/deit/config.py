@@ -37,6 +37,10 @@ class DataConfig:
     train_subset: int | None = None  # train on a seeded, class-balanced subset of this many images
     num_workers: int = 0  # loader worker processes; 0 decodes in the training process
     bad_files: str = "error"  # image folders: error (name the unreadable file) | skip (leave it out, warn)
+    # image folders of small images (<= 64 px) decoded once into memory when their uint8 array fits this budget;
+    # 0: always decode image by image
+    decode_budget_gb: float = 4.0
+    decode_cache: str | None = None  # a folder to keep decoded arrays in for later runs (memory-mapped); null: none
     label_fraction: float | None = None  # keep a seeded, stratified share of the training labels; the rest unlabelled
     unlabeled_path: str | None = None  # a folder of images added to training without labels (subfolders ignored)
     unlabeled_ratio: float | None = None  # unlabelled share of each batch; None: their share of the pool
@@ -164,6 +168,7 @@ ALLOWED: dict[str, Allowed] = {
     "data.train_subset": AT_LEAST_ONE,
     "data.num_workers": NON_NEGATIVE,
     "data.bad_files": Allowed(choices=("error", "skip")),
+    "data.decode_budget_gb": NON_NEGATIVE,
     "data.label_fraction": Allowed(0, 1, low_open=True),
     "data.unlabeled_ratio": Allowed(0, 1, high_open=True),
     "augment.hflip": PROBABILITY,

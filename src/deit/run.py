@@ -264,6 +264,8 @@ def _build_data(config: TrainConfig, layout: Distributed, device: torch.device) 
         rank=layout.rank,
         bad_files=config.data.bad_files,
         batched=config.augment.batched,
+        decode_budget_gb=config.data.decode_budget_gb,
+        decode_cache=config.data.decode_cache,
         views=config.distill.teacher_cache_views,
         unlabeled=_unlabeled(config),
     )

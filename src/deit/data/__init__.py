@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -14,15 +16,19 @@ from deit.data.datasets import (
     DATASET_ALIASES,
     DataError,
     DatasetInfo,
+    ImageFileDataset,
     TensorImageDataset,
     balanced_subset,
     canonical_dataset_name,
     load_datasets,
 )
+from deit.data.decoded import decode_once, decoded_size
 from deit.data.rand_augment import BatchRandAugment, RandAugmentPolicy
 from deit.data.samplers import EpochSampler, MixedEpochSampler, SeededSamples, ShardSampler
-from deit.data.transforms import eval_transform, train_transform
+from deit.data.transforms import eval_transform, is_small_image, train_transform
 from deit.data.unlabeled import UNLABELED, build_pool, count_labeled
+
+log = logging.getLogger("deit")
 
 __all__ = [
     "DATASET_ALIASES",
@@ -89,6 +95,8 @@ def build_data(
     rank: int = 0,
     bad_files: str = "error",
     batched: bool = True,
+    decode_budget_gb: float = 0.0,
+    decode_cache: str | None = None,
     views: int | None = None,
     unlabeled: Unlabeled | None = None,
 ) -> DataBundle:
@@ -99,6 +107,10 @@ def build_data(
     size = _input_size(info, input_size)
     val_set.transform = eval_transform(**_transform_stats(info, size))
     train_set = _training_pool(train_set, info, seed=seed, subset=train_subset, unlabeled=unlabeled, bad=bad_files)
+    if batched and unlabeled is None:
+        train_set = _decoded_if_it_fits(
+            train_set, size, source=data_path, budget_gb=decode_budget_gb, cache=decode_cache
+        )
     base = train_set.dataset if isinstance(train_set, Subset) else train_set
     base.transform = train_transform(
         hflip=hflip, rand_augment=rand_augment, random_erasing=random_erasing, **_transform_stats(info, size)
@@ -121,7 +133,7 @@ def build_data(
             len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed, views=views
         )
     batch_transform = None
-    if batched and _can_batch(train_set, size, info, rand_augment):
+    if batched and _can_batch(train_set, size, rand_augment):
         # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
         images, labels = _in_memory(train_set)
         policy = RandAugmentPolicy.parse(rand_augment) if rand_augment else None
@@ -192,11 +204,27 @@ def _training_pool(
     return train_set
 
 
-def _can_batch(dataset: Dataset, size: int, info: DatasetInfo, rand_augment: str | None) -> bool:
-    """In-memory images at their own size, and a RandAugment policy (if any) that the whole-batch ops draw."""
+def _can_batch(dataset: Dataset, size: int, rand_augment: str | None) -> bool:
+    """In-memory images at the input size, and a RandAugment policy (if any) that the whole-batch ops draw."""
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     drawable = rand_augment is None or RandAugmentPolicy.parse(rand_augment) is not None
-    return isinstance(base, TensorImageDataset) and drawable and size == info.native_size
+    return isinstance(base, TensorImageDataset) and drawable and base.images.shape[-1] == size
+
+
+def _decoded_if_it_fits(
+    pool: Dataset, size: int, *, source: str | None, budget_gb: float, cache: str | None
+) -> Dataset:
+    """A training pool of small image files within the budget, decoded once (``data.decoded``); else ``pool``."""
+    base = pool.dataset if isinstance(pool, Subset) else pool
+    if not isinstance(base, ImageFileDataset) or not is_small_image(size) or budget_gb <= 0 or source is None:
+        return pool
+    files = ImageFileDataset([base.samples[i] for i in pool.indices], base.in_chans) if pool is not base else base
+    needed = decoded_size(files, size) / 2**30
+    if needed > budget_gb:
+        log.info("%d images would take %.1f GB decoded, over --decode-budget-gb %g: read image by image",
+                 len(files), needed, budget_gb)  # fmt: skip
+        return pool
+    return decode_once(files, size, source=source, cache_dir=Path(cache).expanduser() if cache else None)
 
 
 def _in_memory(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,6 +104,10 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.mode == "L" else 3
+
     def __getitem__(self, index: int) -> tuple[object, int]:
         path, label = self.samples[index]
         image = load_image(path, self.mode)
@@ -126,6 +130,19 @@ def load_image(path: Path, mode: str = "RGB") -> Image.Image:
             return image.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def decode_to_size(path: Path, in_chans: int, size: int) -> torch.Tensor:
+    """An image file as uint8 (C, size, size): the shorter side resized (bicubic), the centre cropped."""
+    image = load_image(path, "L" if in_chans == 1 else "RGB")
+    if image.size != (size, size):
+        scale = size / min(image.size)
+        resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return array.view(size, size, in_chans).permute(2, 0, 1).contiguous()
 
 
 def unreadable_reason(path: Path) -> str | None:

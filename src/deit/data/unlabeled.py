@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from deit.data.datasets import (
@@ -30,7 +29,7 @@ from deit.data.datasets import (
     ImageFileDataset,
     TensorImageDataset,
     _image_files,
-    load_image,
+    decode_to_size,
     unreadable_reason,
 )
 
@@ -134,7 +133,7 @@ def _relabel(dataset: Dataset, labels: torch.Tensor) -> TensorImageDataset | Ima
 
 
 def _files_like(dataset: ImageFileDataset, samples: list[tuple[Path, int]]) -> ImageFileDataset:
-    return ImageFileDataset(samples, in_chans=1 if dataset.mode == "L" else 3)
+    return ImageFileDataset(samples, in_chans=dataset.in_chans)
 
 
 def _append_folder(pool: Dataset, info: DatasetInfo, folder: Path, bad_files: str) -> Dataset:
@@ -153,23 +152,9 @@ def _append_folder(pool: Dataset, info: DatasetInfo, folder: Path, bad_files: st
         raise DataError(f"unlabelled data path {folder} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})")
     log.info("added %d unlabelled images from %s", len(files), folder)
     if isinstance(pool, TensorImageDataset):
-        images = torch.stack([_decode_to_size(path, info) for path in files])
+        assert info.native_size is not None
+        images = torch.stack([decode_to_size(path, info.in_chans, info.native_size) for path in files])
         labels = torch.full((len(files),), UNLABELED, dtype=torch.long)
         return TensorImageDataset(torch.cat([pool.images, images]), torch.cat([pool.labels, labels]))
     assert isinstance(pool, ImageFileDataset)
     return _files_like(pool, pool.samples + [(path, UNLABELED) for path in files])
-
-
-def _decode_to_size(path: Path, info: DatasetInfo) -> torch.Tensor:
-    """An image file as uint8 (C, H, W) at the in-memory set's size: shorter side resized, centre cropped."""
-    image = load_image(path, "L" if info.in_chans == 1 else "RGB")
-    size = info.native_size
-    assert size is not None
-    if image.size != (size, size):
-        scale = size / min(image.size)
-        resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-        image = image.resize(resized, Image.Resampling.BICUBIC)
-        left, top = (image.width - size) // 2, (image.height - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return array.view(size, size, info.in_chans).permute(2, 0, 1).contiguous()
