@@ -10,6 +10,7 @@ step also runs the frozen teacher, and its share of the step is reported.
 
 from __future__ import annotations
 
+import itertools
 import resource
 import statistics
 import time
@@ -17,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from deit.engine import Precision
+from deit.data.batch import Batch
+from deit.engine import Precision, StepParts, train_steps
 from deit.errors import DeitError
+from deit.losses import DistillationLoss
 from deit.models import create_model
 from deit.run import resolve_device
 
@@ -81,25 +83,20 @@ def _timed(run: Callable[[], None], device: torch.device, warmup: int, iters: in
 
 
 def _train_step(model: nn.Module, teacher: nn.Module | None, precision: Precision, images, labels) -> Callable:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        with precision.autocast():
-            outputs = model(images)
-            if teacher is not None:
-                with torch.no_grad():
-                    targets = teacher(images).argmax(dim=-1)  # hard distillation, the paper's best
-            else:
-                targets = labels
-        heads = outputs if isinstance(outputs, tuple) else (outputs,)
-        loss = F.cross_entropy(heads[0].float(), labels)
-        if len(heads) > 1 or teacher is not None:
-            loss = 0.5 * loss + 0.5 * F.cross_entropy(heads[-1].float(), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    """One call, one optimizer step of ``engine.train_steps`` (the training loop itself) on a fixed batch."""
+    criterion = DistillationLoss("hard" if teacher is not None else "none")  # hard: the paper's best
+    parts = StepParts(
+        model,
+        criterion,
+        torch.optim.AdamW(model.parameters(), lr=1e-4),
+        lr_at=lambda step: 1e-4,
+        device=images.device,
+        precision=precision,
+        teacher=(lambda batch, indices=None: teacher(batch)) if teacher is not None else None,
+    )
+    batch = Batch(images, labels, torch.arange(len(images)))
+    steps = train_steps(parts, itertools.repeat(batch), first_step=0, steps=2**62)
+    return lambda: next(steps)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
