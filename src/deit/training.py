@@ -78,7 +78,7 @@ def fit(config: TrainConfig, stop: StopRequest | None = None) -> TrainResult:
                     raise RunInterrupted(stop.signal_number or signal.SIGTERM, logs.checkpoint_name)
     final = progress.history[-1].get("val", {}) if progress.history else {}
     seconds = time.perf_counter() - started
-    return TrainResult(out, final, progress.best_acc1, teacher_metrics, progress.history, seconds, run.model)
+    return TrainResult(logs.out, final, progress.best_acc1, teacher_metrics, progress.history, seconds, run.model)
 
 
 def _train_epoch(run: Run, epoch: int, progress: Progress, logs: RunLogs, stop: StopRequest) -> dict[str, Any]:
