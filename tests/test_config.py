@@ -225,6 +225,7 @@ OUT_OF_RANGE = {
     "data.train_subset": 0,
     "data.num_workers": -1,
     "data.bad_files": "ignore",
+    "data.decode_budget_gb": -1.0,
     "data.label_fraction": 0.0,
     "data.unlabeled_ratio": 1.0,
     "augment.hflip": 1.5,
