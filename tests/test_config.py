@@ -170,7 +170,7 @@ def test_yaml_round_trip(tmp_path):
 
 def test_config_to_dict_is_plain():
     values = config_to_dict(TrainConfig())
-    assert set(values) == {"model", "data", "augment", "optim", "distill", "run"}
+    assert set(values) == {"model", "data", "augment", "optim", "distill", "pretrain", "run"}
     assert values["optim"]["betas"] == [0.9, 0.999]  # lists, not tuples: safe for YAML and weights-only files
 
 
@@ -253,6 +253,14 @@ OUT_OF_RANGE = {
     "distill.tau": 0.0,
     "distill.kl_reduction": "mean",
     "distill.teacher_cache_views": 0,
+    "pretrain.method": "dino",
+    "pretrain.dim": 0,
+    "pretrain.hidden_dim": 0,
+    "pretrain.temperature": 0.0,
+    "pretrain.momentum": 1.0,
+    "pretrain.queue_size": 0,
+    "pretrain.knn_k": 0,
+    "pretrain.knn_temperature": -0.1,
     "run.seed": -1,
     "run.amp": "fp8",
     "run.checkpoint_steps": 0,

@@ -304,6 +304,13 @@ class Checkpoint:
 
     def build_model(self, *, use_ema: bool = False, **overrides: Any) -> nn.Module:
         """The model with its weights (or their EMA); ``overrides`` change options such as ``eval_output``."""
+        method = self.config.get("pretrain", {}).get("method")
+        if method:
+            raise CheckpointError(
+                f"this checkpoint holds a self-supervised pretraining run ({method}): a backbone with its projection "
+                "heads, not a classifier. Its kNN accuracy per epoch is in metrics.jsonl beside it; starting a "
+                "classifier from it is not available yet"
+            )
         if use_ema and self.model_ema is None:
             raise CheckpointError("this checkpoint holds no EMA weights: train with --model-ema-decay to keep them")
         model = self.model_spec.build(**overrides)

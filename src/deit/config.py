@@ -96,6 +96,20 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pretraining (``deit pretrain``): labels are only used to monitor, by kNN."""
+
+    method: str | None = None  # simclr | moco (v2) | mocov3 | byol; None: train on the labels
+    dim: int = 128  # size of the projected embeddings the objective compares
+    hidden_dim: int = 512  # width of the projector's and predictor's hidden layers
+    temperature: float | None = None  # of the contrastive losses; None: the method's (SimCLR 0.5, MoCo 0.2)
+    momentum: float = 0.99  # MoCo's and BYOL's target momentum at the start; it rises to 1 on a cosine
+    queue_size: int = 4096  # MoCo v2's negatives
+    knn_k: int = 20  # the kNN monitor's neighbours (cosine similarity, temperature-weighted votes)
+    knn_temperature: float = 0.07
+
+
+@dataclass(frozen=True)
 class RunConfig:
     output_dir: str | None = None  # checkpoints, metrics.jsonl, config.yaml; None: write nothing
     seed: int = 0
@@ -118,6 +132,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -169,6 +184,14 @@ ALLOWED: dict[str, Allowed] = {
     "data.num_workers": NON_NEGATIVE,
     "data.bad_files": Allowed(choices=("error", "skip")),
     "data.decode_budget_gb": NON_NEGATIVE,
+    "pretrain.method": Allowed(choices=("simclr", "moco", "mocov3", "byol")),
+    "pretrain.dim": AT_LEAST_ONE,
+    "pretrain.hidden_dim": AT_LEAST_ONE,
+    "pretrain.temperature": POSITIVE,
+    "pretrain.momentum": Allowed(0, 1, high_open=True),
+    "pretrain.queue_size": AT_LEAST_ONE,
+    "pretrain.knn_k": AT_LEAST_ONE,
+    "pretrain.knn_temperature": POSITIVE,
     "data.label_fraction": Allowed(0, 1, low_open=True),
     "data.unlabeled_ratio": Allowed(0, 1, high_open=True),
     "augment.hflip": PROBABILITY,

@@ -124,6 +124,10 @@ class StepParts:
     ema: ModelEma | None = None
     seed: int | None = None  # reseed Mixup and stochastic depth per micro-batch: exact resume at any step
     rank: int = 0
+    # another objective than distillation (self-supervised pretraining): the losses of one micro-batch, and
+    # what to do after each optimizer step (move a momentum target)
+    losses: Callable[[StepParts, Batch], dict[str, torch.Tensor]] | None = None
+    after_step: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,13 +177,13 @@ def train_steps(
                 batch = batch._replace(images=parts.augment(batch.images, batch.seeds))
             if parts.seed is not None:
                 seed_step(parts.seed, step, micro, parts.rank)
-            losses = micro_batch_losses(parts, batch)
+            losses = (parts.losses or micro_batch_losses)(parts, batch)
             with _maybe_no_sync(parts.model, micro == parts.accum_steps - 1):  # DDP: one gradient all-reduce a step
                 scaled = losses["loss"] / parts.accum_steps
                 (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
-            meter.add(losses, len(batch.images))
+            meter.add(losses, len(batch.labels))  # images, not views: pretraining sees two of each
             step_loss += losses["loss"].detach().float() / parts.accum_steps
-            images += len(batch.images)
+            images += len(batch.labels)
         loss, nonfinite, stop = _agree(step_loss, stop_requested, reduce)
         lr = parts.lr_at(step)
         if nonfinite:
@@ -190,6 +194,8 @@ def train_steps(
         _optimizer_step(parts.model, parts.optimizer, lr, parts.scaler, parts.clip_grad)
         if parts.ema is not None:
             parts.ema.update(_unwrap(parts.model))
+        if parts.after_step is not None:
+            parts.after_step(step)
         yield StepRecord(step, loss, lr, images, nonfinite, stop)
 
 

@@ -42,7 +42,7 @@ RESUMABLE_CHANGES = {("optim", "epochs"), ("data", "num_workers")}
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpoint's run and this one, except RESUMABLE_CHANGES and run.*."""
     changed = []
-    for section in ("model", "data", "augment", "optim", "distill"):
+    for section in ("model", "data", "augment", "optim", "distill", "pretrain"):
         for key, value in current.get(section, {}).items():
             old = saved.get(section, {}).get(key)
             if (section, key) not in RESUMABLE_CHANGES and old != value:

@@ -7,6 +7,7 @@ misconfigured run fails in seconds, not after an epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ from deit.models import VisionTransformer, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
 from deit.pseudo_labels import PseudoLabels, PseudoLabelTeacher
 from deit.rng import seed_everything
+from deit.ssl.backbone import Backbone
+from deit.ssl.method import Method
+from deit.ssl.pretrain import build_method, view_losses
+from deit.ssl.views import TwoViews
 from deit.teacher_cache import TeacherCache
 from deit.teachers import InputSpec, Teacher, build_teacher
 
@@ -147,6 +152,8 @@ class Run:
             ema=self.ema,
             seed=self.config.run.seed,
             rank=self.layout.rank,
+            losses=view_losses if isinstance(self.model, Method) else None,
+            after_step=self.model.after_step if isinstance(self.model, Method) else None,
         )
 
     @property
@@ -203,6 +210,21 @@ def _build_student(spec: ModelSpec, finetune: str | None) -> nn.Module:
     if finetune:
         load_weights(model, finetune)  # logs what it had to adapt (resolution, channels, heads)
     return model
+
+
+def _self_supervised(model: nn.Module, config: TrainConfig, data: DataBundle) -> tuple[Method, DataBundle]:
+    """The method around ``model`` (now its backbone), trained on two views of every image (``deit.ssl``)."""
+    if config.distill.type != "none" or config.augment.mixup > 0 or config.augment.cutmix > 0:
+        raise RunError("self-supervised pretraining uses no teacher and no Mixup / CutMix: drop those settings")
+    if data.batch_transform is None:
+        raise RunError(
+            "self-supervised pretraining makes its two views on whole in-memory batches: use Fashion-MNIST, CIFAR, or "
+            "an image folder of small images that fits --decode-budget-gb"
+        )
+    total_steps = config.optim.epochs * (len(data.train_loader) // config.optim.accum_steps)
+    method = build_method(Backbone(model), config.pretrain, total_steps).to(next(model.parameters()).device)
+    views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)
+    return method, dataclasses.replace(data, batch_transform=views)
 
 
 def _build_mixup(config: TrainConfig, num_classes: int) -> Callable | None:
@@ -280,6 +302,8 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     data = _build_data(config, layout, device)
     spec = model_spec(config.model, data.info, data.input_size)
     model = _build_student(spec, config.model.finetune).to(device)
+    if config.pretrain.method:
+        model, data = _self_supervised(model, config, data)
     teacher = _build_teacher(config, data)
     if isinstance(teacher, Teacher):  # a network (stored pseudo-labels need none of this)
         if config.distill.teacher_channels_last:

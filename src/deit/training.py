@@ -34,6 +34,8 @@ from deit.progress import StepProgress
 from deit.pseudo_labels import PseudoLabelTeacher
 from deit.resume import resume, resume_source
 from deit.run import Progress, Run, RunError, build_run, model_options, resolve_device
+from deit.ssl.method import Method
+from deit.ssl.pretrain import knn_monitor
 from deit.teacher_cache import TeacherCache
 
 __all__ = ["RunError", "RunInterrupted", "TrainResult", "fit", "model_options", "resolve_device"]
@@ -164,6 +166,10 @@ def _evaluates(epoch: int, epochs: int, interval: int) -> bool:
 
 def _evaluate_epoch(run: Run, record: dict[str, Any], teacher_metrics: dict[str, float] | None) -> None:
     config, layout = run.config, run.layout
+    if isinstance(run.model, Method):  # self-supervised: the backbone's features, scored by kNN
+        record["val"] = knn_monitor(run.model, run.data, config.pretrain, device=run.device, precision=run.precision,
+                                    reduce=layout.sum)  # fmt: skip
+        return
     record["val"] = evaluate(
         run.model,
         run.data.val_loader,
@@ -232,7 +238,8 @@ def _end_epoch(run: Run, progress: Progress, record: dict[str, Any], logs: RunLo
     if "val" in record:  # not every epoch is evaluated with --eval-interval
         improved = record["val"]["acc1"] > progress.best_acc1
         progress.best_acc1 = max(progress.best_acc1, record["val"]["acc1"])
-        epoch_line += f", val top-1 {record['val']['acc1']:.2f}% (best {progress.best_acc1:.2f}%)"
+        scored = "kNN top-1" if isinstance(run.model, Method) else "val top-1"
+        epoch_line += f", {scored} {record['val']['acc1']:.2f}% (best {progress.best_acc1:.2f}%)"
     log.info("%s, %.0f im/s", epoch_line, record["train"]["images_per_sec"])
     logs.epoch(record)
     logs.checkpoint(run, progress, best=improved)

@@ -28,7 +28,7 @@ from deit.cli.analysis import add_analyze_parser, add_plot_parser, add_report_pa
 from deit.cli.bench import add_benchmark_parser
 from deit.cli.semi import add_noisy_student_parser, add_pseudo_label_parser
 from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
-from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
+from deit.cli.train import add_demo_parser, add_eval_parser, add_pretrain_parser, add_train_parser
 from deit.engine import NonFiniteLossError
 from deit.errors import DeitError
 from deit.interrupts import RunInterrupted
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (
         add_train_parser,
+        add_pretrain_parser,
         add_eval_parser,
         add_export_parser,
         add_predict_parser,

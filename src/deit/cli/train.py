@@ -189,6 +189,27 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return with_overrides(config, overrides)
 
 
+def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised pretraining of a backbone: SimCLR, MoCo v2 / v3, BYOL",
+        description="Pretrain a backbone without labels (they only score it: a kNN classifier on its features after "
+        "every epoch). Takes deit train's flags: --model, --data-set, --data-path, --epochs, --batch-size, "
+        "--output-dir, --resume, --config ...",
+    )
+    parser.add_argument("--method", required=True, choices=("simclr", "moco", "mocov3", "byol"))
+    add_config_arguments(parser)
+    parser.set_defaults(handler=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from deit.training import fit
+
+    result = fit(with_overrides(train_config_from_args(args), {"pretrain.method": args.method}))
+    print(json.dumps({"knn_acc1": result.final.get("acc1"), "best_knn_acc1": result.best_acc1}, indent=2))
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     from deit.training import fit
 

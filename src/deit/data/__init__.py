@@ -71,7 +71,7 @@ class DataBundle:
     info: DatasetInfo
     input_size: int
     # with whole-batch augmentation, the train loader yields uint8 images and their seeds for this to finish
-    batch_transform: BatchAugment | None = None
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # BatchAugment, or views
 
 
 def build_data(

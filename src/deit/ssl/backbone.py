@@ -1,0 +1,53 @@
+"""The network being pretrained, seen as a feature extractor, and the small MLPs the methods put on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deit.models import VisionTransformer, create_model
+from deit.models.cnn import SmallResNet
+
+
+class Backbone(nn.Module):
+    """Features of one image, (B, dim): our ViT's class token, a small ResNet's or a timm CNN's pooled map."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(model, VisionTransformer | SmallResNet):
+            model.reset_classifier(0)  # timm: the model now returns its pooled features
+        self.model = model
+        if isinstance(model, VisionTransformer):
+            self.dim = model.config.embed_dim
+        elif isinstance(model, SmallResNet):
+            self.dim = model.config.widths[-1]
+        else:
+            self.dim = model.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, VisionTransformer):
+            return self.model.forward_features(images)[:, 0]
+        if isinstance(self.model, SmallResNet):
+            return self.model.forward_features(images)
+        return self.model(images)
+
+
+def build_backbone(name: str, *, in_chans: int, img_size: int, **options: Any) -> Backbone:
+    """``name`` (a deit variant, a small ResNet or any timm model) as a feature extractor; its head is unused."""
+    return Backbone(create_model(name, num_classes=1, in_chans=in_chans, img_size=img_size, **options))
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, last_norm: bool = False) -> nn.Sequential:
+    """``layers`` linear layers with batch norm and ReLU between them: the projectors and predictors."""
+    blocks: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+    for index, (a, b) in enumerate(zip(dims, dims[1:], strict=False)):
+        last = index == layers - 1
+        blocks.append(nn.Linear(a, b, bias=last and not last_norm))
+        if not last:
+            blocks += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        elif last_norm:
+            blocks.append(nn.BatchNorm1d(b, affine=False))
+    return nn.Sequential(*blocks)

@@ -1,0 +1,114 @@
+"""Self-supervised pretraining on the training loop of ``deit train``: the method, its step, its kNN monitor.
+
+``deit pretrain --method simclr`` is ``deit train`` with ``pretrain.method``
+set. ``run.build_run`` then builds the method (``build_method``) around the
+backbone instead of a classifier, replaces the batch augmentation by two
+views per image (``ssl.views``), and gives the step ``view_losses``. Every
+guarantee of ``deit train`` carries over: progress lines, metrics, atomic
+checkpoints (targets and queue included, they are buffers and parameters of
+the method), exact resume, SIGTERM and torchrun. After each epoch the
+backbone is scored by a kNN classifier (``knn_accuracy``) instead of its
+(absent) head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deit.config import PretrainConfig
+from deit.data import DataBundle
+from deit.data.batch import Batch
+from deit.engine import Precision, StepParts
+from deit.ssl.backbone import Backbone
+from deit.ssl.byol import BYOL
+from deit.ssl.method import Method
+from deit.ssl.moco import MoCo
+from deit.ssl.simclr import SimCLR
+
+DEFAULT_TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "mocov3": 0.2}
+
+
+def build_method(backbone: Backbone, config: PretrainConfig, total_steps: int) -> Method:
+    heads = {"dim": config.dim, "hidden_dim": config.hidden_dim}
+    temperature = config.temperature or DEFAULT_TEMPERATURE.get(config.method or "", 0.5)
+    if config.method == "simclr":
+        return SimCLR(backbone, **heads, temperature=temperature)
+    if config.method in ("moco", "mocov3"):
+        version = 3 if config.method == "mocov3" else 2
+        return MoCo(backbone, version=version, total_steps=total_steps, **heads, queue_size=config.queue_size,
+                    temperature=temperature, momentum=config.momentum)  # fmt: skip
+    if config.method == "byol":
+        return BYOL(backbone, total_steps=total_steps, **heads, momentum=config.momentum)
+    raise ValueError(f"unknown self-supervised method {config.method!r}")
+
+
+def view_losses(parts: StepParts, batch: Batch) -> dict[str, torch.Tensor]:
+    """The step's objective: the model is the method, the batch's images its two views (2B, C, H, W)."""
+    with parts.precision.autocast():
+        return parts.model(batch.images)  # Method.forward is its losses; through DDP's wrapper too
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, images: torch.Tensor, *, precision: Precision, batch_size: int = 512) -> torch.Tensor:
+    """Unit-length features of normalised images (N, C, H, W), in batches, on the images' device."""
+    backbone.eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        with precision.autocast():
+            features = backbone(images[start : start + batch_size])
+        chunks.append(F.normalize(features.float(), dim=1))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def knn_accuracy(
+    backbone: nn.Module,
+    bank_images: torch.Tensor,
+    bank_labels: torch.Tensor,
+    val_loader: DataLoader,
+    *,
+    device: torch.device,
+    precision: Precision,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Top-1 (%) of a weighted kNN on the backbone's features: the memory bank is the training images.
+
+    Each validation image takes its ``k`` most cosine-similar training images;
+    each votes for its class with weight exp(similarity / temperature). With
+    several processes, each scores its share of the validation images and
+    ``reduce`` sums the counts.
+    """
+    bank = embed(backbone, bank_images.to(device), precision=precision)
+    labels = bank_labels.to(device)
+    counts = torch.zeros(2, device=device)  # correct, seen
+    for images, targets in val_loader:
+        features = embed(backbone, images.to(device), precision=precision)
+        similarity, neighbours = (features @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(features), num_classes, device=device)
+        votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp())
+        counts[0] += (votes.argmax(dim=1) == targets.to(device)).sum()
+        counts[1] += len(targets)
+    correct, seen = (reduce(counts.cpu()) if reduce is not None else counts.cpu()).tolist()
+    return {"acc1": 100.0 * correct / max(seen, 1), "num_samples": int(seen)}
+
+
+def knn_monitor(
+    method: Method, data: DataBundle, config: PretrainConfig, *, device: torch.device, precision: Precision, reduce
+) -> dict[str, float]:
+    """The kNN top-1 of the method's backbone, its memory bank the in-memory training images, unaugmented."""
+    train = data.train_loader.dataset  # InMemoryBatches: pretraining runs on the whole-batch path
+    mean = torch.tensor(data.info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.info.std).view(1, -1, 1, 1)
+    bank = (train.images.float() / 255 - mean) / std
+    return knn_accuracy(
+        method.backbone, bank, train.labels, data.val_loader, device=device, precision=precision,
+        num_classes=data.info.num_classes, k=config.knn_k, temperature=config.knn_temperature, reduce=reduce,
+    )  # fmt: skip
