@@ -30,7 +30,6 @@ from deit.data.datasets import ImageFileDataset, TensorImageDataset, decode_to_s
 log = logging.getLogger("deit")
 
 
-
 def decoded_size(dataset: ImageFileDataset, size: int) -> int:
     """Bytes the decoded array of ``dataset`` at ``size`` px takes."""
     return len(dataset) * dataset.in_chans * size * size
