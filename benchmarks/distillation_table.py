@@ -294,6 +294,9 @@ def write_table(args, argv, summaries: dict[str, list[dict]], teachers: list[dic
             f"- The undistilled student has converged (val top-1 moves < {CONVERGED_WITHIN} points over the last "
             f"20 % of epochs): **{'yes' if converged else 'no'}** ({', '.join(f'{m:+.2f}' for m in none_moves)})"
         )
+    notes = output.with_name(f"{output.stem}_notes.md")
+    if notes.is_file():  # written by hand, from the runs: what the figures say and what is not met
+        lines += ["", f"What these figures say, and what the goals not met would need: [{notes.name}]({notes.name})."]
     text = "\n".join(lines) + "\n"
     output.write_text(text)
     output.with_suffix(".json").write_text(
