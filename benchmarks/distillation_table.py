@@ -194,6 +194,25 @@ def commit() -> str:
     return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
 
 
+def paired_differences(values: dict[str, list[float]]) -> list[str]:
+    """Each row against no distillation, seed by seed: a seed picks the training subset, the same for every row.
+
+    The rows' own spreads hold how much the subset moves every student alike; the paired differences do not.
+    """
+    baseline = values.get("none", [])
+    lines = ["", "## Against no distillation, seed by seed", "",
+             "Each seed draws its own training subset, the same for every row of that seed, so the rows move together "
+             "from seed to seed; the difference on the same images is the effect.", "",
+             "| row | difference per seed (points) | mean ± std |", "|---|---|---:|"]  # fmt: skip
+    for key in ("soft_paper", "soft_official", "hard", "token"):
+        pairs = list(zip(values.get(key, []), baseline, strict=False))
+        if not pairs:
+            continue
+        differences = [row - none for row, none in pairs]
+        lines.append(f"| {key} | {', '.join(f'{d:+.2f}' for d in differences)} | {mean_std(differences)} |")
+    return lines if baseline else []
+
+
 def goals(values: dict[str, list[float]], teachers: list[float]) -> list[str]:
     """Each goal of the issue, judged on the runs that exist; a goal whose rows are missing says so."""
 
@@ -286,6 +305,7 @@ def write_table(args, argv, summaries: dict[str, list[dict]], teachers: list[dic
             f"{', '.join(f'{m:+.2f}' for m in movement)} | "
             f"{statistics.mean(r['minutes'] for r in runs) if runs else 0:.1f} | {curve} |"
         )
+    lines += paired_differences(student_values)
     lines += ["", "## Goals", "", *goals(student_values, teacher_values)]
     none_moves = [late_movement(run["history"]) for run in summaries.get("none", [])]
     if none_moves:
