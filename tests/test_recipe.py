@@ -152,7 +152,9 @@ def test_repeated_copies_are_augmented_differently():
     data = build_data(
         "fashion-mnist", None, batch_size=48, seed=0, train_subset=480, repeated_aug=3, rand_augment=PAPER_POLICY
     )
-    images, labels, _, _ = next(iter(data.train_loader))
+    batch = next(iter(data.train_loader))
+    assert data.batch_transform is not None  # in memory: the copies are augmented whole-batch, each by its own seed
+    images, labels = data.batch_transform(batch.images, batch.seeds), batch.labels
     triples = images.view(16, 3, -1)
     assert torch.equal(labels.view(16, 3), labels.view(16, 3)[:, :1].expand(16, 3))  # copies of one image
     differing = sum(not torch.equal(t[0], t[1]) and not torch.equal(t[1], t[2]) for t in triples)

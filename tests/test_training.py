@@ -239,3 +239,19 @@ def test_a_small_image_resnet_is_rebuilt_from_its_checkpoint_by_name(tmp_path):
     rebuilt = model_from_checkpoint(state).eval()
     images = torch.randn(4, 1, 28, 28)
     assert torch.equal(rebuilt(images), result.model.eval()(images))  # what a student's teacher_path loads
+
+
+def test_the_demo_prints_the_table_of_a_teacher_and_three_students(tmp_path):
+    """The demo's steps on a tiny budget: teacher, the three students, the table with the distilled student's gain."""
+    from deit.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(output_dir=str(tmp_path), epochs=1, teacher_epochs=1, train_subset=256, progress=False)
+    report = run_demo(settings)
+    assert [row["teacher"] for row in report.rows] == ["n/a", "none", "soft", "hard"]
+    assert report.rows[-1]["cls_acc1"] is not None and report.rows[1]["cls_acc1"] is None  # one head without token
+    assert "Class + distillation tokens against no distillation" in report.markdown
+    assert "256 training images" in report.markdown and "RandAugment rand-m9-mstd0.5-inc1" in report.markdown
+    saved = json.loads(report.json_path.read_text())
+    assert "--config fashion_mnist_data_limited --model deit_nano_patch7_28" in saved["rows"][1]["command"]
+    again = run_demo(settings)  # every run is there: read back, not retrained
+    assert [row["acc1"] for row in again.rows] == [row["acc1"] for row in report.rows]
