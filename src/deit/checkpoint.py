@@ -308,8 +308,8 @@ class Checkpoint:
         if method:
             raise CheckpointError(
                 f"this checkpoint holds a self-supervised pretraining run ({method}): a backbone with its projection "
-                "heads, not a classifier. Its kNN accuracy per epoch is in metrics.jsonl beside it; starting a "
-                "classifier from it is not available yet"
+                "heads, not a classifier. Score its features with `deit linear-probe --checkpoint FILE`, or start "
+                "a classifier from it with `deit train --init FILE`"
             )
         if use_ema and self.model_ema is None:
             raise CheckpointError("this checkpoint holds no EMA weights: train with --model-ema-decay to keep them")

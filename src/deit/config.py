@@ -25,11 +25,12 @@ class ModelConfig:
     attn_impl: str = "sdpa"  # "sdpa" (fused) or "math" (faster on CPU under bf16)
     eval_output: str = "avg_logits"  # distilled models: avg_logits | softmax_sum | cls | dist
     finetune: str | None = None  # start from these weights (ours, official .pth, timm); resized to the input size
+    init: str | None = None  # start from the backbone of a deit pretrain / train checkpoint; heads fresh
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagefolder (or CIFAR, IMNET)
+    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagefolder (or CIFAR, IMNET) | unlabeled
     path: str | None = None  # folder of the data; Fashion-MNIST defaults to Debian's copy
     input_size: int | None = None  # side in pixels; default: the data set's own
     in_chans: int | None = None  # image folders only: 1 reads grayscale, 3 (default) RGB
@@ -102,6 +103,7 @@ class PretrainConfig:
     method: str | None = None  # simclr | moco (v2) | mocov3 | byol; None: train on the labels
     dim: int = 128  # size of the projected embeddings the objective compares
     hidden_dim: int = 512  # width of the projector's and predictor's hidden layers
+    projector_layers: int = 2  # SimCLR's projector depth: 2 as in SimCLR, 3 as in SimCLRv2
     temperature: float | None = None  # of the contrastive losses; None: the method's (SimCLR 0.5, MoCo 0.2)
     momentum: float = 0.99  # MoCo's and BYOL's target momentum at the start; it rises to 1 on a cosine
     queue_size: int = 4096  # MoCo v2's negatives
@@ -187,6 +189,7 @@ ALLOWED: dict[str, Allowed] = {
     "pretrain.method": Allowed(choices=("simclr", "moco", "mocov3", "byol")),
     "pretrain.dim": AT_LEAST_ONE,
     "pretrain.hidden_dim": AT_LEAST_ONE,
+    "pretrain.projector_layers": Allowed(choices=(2, 3)),
     "pretrain.temperature": POSITIVE,
     "pretrain.momentum": Allowed(0, 1, high_open=True),
     "pretrain.queue_size": AT_LEAST_ONE,

@@ -32,6 +32,7 @@ from deit.rng import seed_everything
 from deit.ssl.backbone import Backbone
 from deit.ssl.method import Method
 from deit.ssl.pretrain import build_method, view_losses
+from deit.ssl.transfer import init_from_pretrained
 from deit.ssl.views import TwoViews
 from deit.teacher_cache import TeacherCache
 from deit.teachers import InputSpec, Teacher, build_teacher
@@ -205,10 +206,14 @@ def _cached(teacher: Teacher, config: TrainConfig, data: DataBundle) -> TeacherC
     return TeacherCache(teacher, num_images, config.distill.teacher_cache_views, data.info.num_classes)
 
 
-def _build_student(spec: ModelSpec, finetune: str | None) -> nn.Module:
+def _build_student(spec: ModelSpec, config: ModelConfig) -> nn.Module:
+    if config.finetune and config.init:
+        raise RunError("give --finetune (weights with their heads) or --init (a backbone, heads fresh), not both")
     model = spec.build()
-    if finetune:
-        load_weights(model, finetune)  # logs what it had to adapt (resolution, channels, heads)
+    if config.finetune:
+        load_weights(model, config.finetune)  # logs what it had to adapt (resolution, channels, heads)
+    if config.init:
+        init_from_pretrained(model, config.init)  # logs what it loaded and what starts fresh
     return model
 
 
@@ -300,8 +305,11 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     precision = Precision.resolve(config.run.amp, device)
     seed_everything(config.run.seed)  # the same initial weights on every process
     data = _build_data(config, layout, device)
+    if data.info.name == "unlabeled" and not config.pretrain.method:
+        raise RunError(f"{config.data.path} holds images without labels: pretrain on them with `deit pretrain`, "
+                       "or lay them out as train/<class>/ and val/<class>/ to train a classifier")  # fmt: skip
     spec = model_spec(config.model, data.info, data.input_size)
-    model = _build_student(spec, config.model.finetune).to(device)
+    model = _build_student(spec, config.model).to(device)
     if config.pretrain.method:
         model, data = _self_supervised(model, config, data)
     teacher = _build_teacher(config, data)

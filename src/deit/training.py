@@ -167,6 +167,8 @@ def _evaluates(epoch: int, epochs: int, interval: int) -> bool:
 def _evaluate_epoch(run: Run, record: dict[str, Any], teacher_metrics: dict[str, float] | None) -> None:
     config, layout = run.config, run.layout
     if isinstance(run.model, Method):  # self-supervised: the backbone's features, scored by kNN
+        if len(run.data.val_loader.dataset) == 0:
+            return  # a folder of unlabelled images: nothing to score the features on
         record["val"] = knn_monitor(run.model, run.data, config.pretrain, device=run.device, precision=run.precision,
                                     reduce=layout.sum)  # fmt: skip
         return

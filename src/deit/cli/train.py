@@ -22,6 +22,7 @@ def _float_or_none(text: str) -> float | None:
 TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--model", "model.name", str, "deit variant (see `deit models`) or any timm model, e.g. resnet18 for a teacher"),
     ("--finetune", "model.finetune", str, "start from these weights (deit checkpoint, official .pth, timm state dict)"),
+    ("--init", "model.init", str, "start from the backbone of a `deit pretrain` (or train) checkpoint, heads fresh"),
     ("--drop-path", "model.drop_path", float, "stochastic depth rate"),
     ("--drop", "model.dropout", float, "dropout rate"),
     ("--attn-impl", "model.attn_impl", str, "attention kernel: sdpa or math (faster on CPU under bf16)"),
@@ -187,27 +188,6 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {key: given[_dest(key)] for key in keys if _dest(key) in given}
     overrides.update(parse_assignment(text) for text in args.set)
     return with_overrides(config, overrides)
-
-
-def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "pretrain",
-        help="self-supervised pretraining of a backbone: SimCLR, MoCo v2 / v3, BYOL",
-        description="Pretrain a backbone without labels (they only score it: a kNN classifier on its features after "
-        "every epoch). Takes deit train's flags: --model, --data-set, --data-path, --epochs, --batch-size, "
-        "--output-dir, --resume, --config ...",
-    )
-    parser.add_argument("--method", required=True, choices=("simclr", "moco", "mocov3", "byol"))
-    add_config_arguments(parser)
-    parser.set_defaults(handler=run_pretrain)
-
-
-def run_pretrain(args: argparse.Namespace) -> int:
-    from deit.training import fit
-
-    result = fit(with_overrides(train_config_from_args(args), {"pretrain.method": args.method}))
-    print(json.dumps({"knn_acc1": result.final.get("acc1"), "best_knn_acc1": result.best_acc1}, indent=2))
-    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "Unlabeled",
     "build_data",
     "build_pool_for_labelling",
+    "build_probe_data",
     "build_eval_data",
     "canonical_dataset_name",
     "load_datasets",
@@ -170,6 +171,35 @@ def build_eval_data(
     val_set.transform = eval_transform(**_transform_stats(info, _input_size(info, input_size)))
     sampler = ShardSampler(len(val_set))
     return _loader(val_set, batch_size, sampler, workers=num_workers, pin=pin_memory), info
+
+
+def build_probe_data(
+    dataset: str,
+    data_path: str | None,
+    *,
+    batch_size: int,
+    input_size: int | None = None,
+    in_chans: int | None = None,
+    label_fraction: float | None = None,
+    seed: int = 0,
+    bad_files: str = "error",
+) -> tuple[DataLoader, DataLoader, DatasetInfo]:
+    """Unaugmented training and validation loaders, for features of a frozen backbone (the linear probe).
+
+    With ``label_fraction``, the training loader holds that class-balanced share of the labelled images.
+    """
+    train_set, val_set, info = load_datasets(dataset, data_path, in_chans=in_chans, bad_files=bad_files)
+    transform = eval_transform(**_transform_stats(info, _input_size(info, input_size)))
+    train_set.transform = val_set.transform = transform
+    if label_fraction is not None:
+        if not 0 < label_fraction <= 1:
+            raise DataError(f"--label-fraction must be in (0, 1], not {label_fraction}")
+        keep = max(info.num_classes, round(label_fraction * len(train_set)))
+        train_set = Subset(train_set, balanced_subset(train_set.targets, keep, seed))
+    train_loader, val_loader = (
+        _loader(part, batch_size, ShardSampler(len(part)), workers=0, pin=False) for part in (train_set, val_set)
+    )
+    return train_loader, val_loader, info
 
 
 def build_pool_for_labelling(

@@ -34,6 +34,8 @@ DATASET_ALIASES = {
     "CIFAR": "cifar100",
     "imagefolder": "imagefolder",
     "IMNET": "imagefolder",
+    "unlabeled": "unlabeled",  # any folder of images, nested or not, without labels: for deit pretrain
+    "unlabelled": "unlabeled",
     "imagenet": "imagefolder",
 }
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -46,7 +48,9 @@ _STATS = {  # per-channel mean and std of the training images, in [0, 1]
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+    "unlabeled": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+UNLABELED = -1  # the label of an image without one: the losses ignore it (see deit.data.unlabeled)
 
 
 class DataError(DeitError, ValueError):
@@ -286,6 +290,16 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _unlabeled_files(root: Path) -> list[tuple[Path, int]]:
+    """Every image under ``root``, at any depth, labelled ``UNLABELED``: a folder for self-supervised pretraining."""
+    if not root.is_dir():
+        raise DataError(f"data path {root} does not exist or is not a folder")
+    files = _image_files(root)
+    if not files:
+        raise DataError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}), at any depth")
+    return [(path, UNLABELED) for path in files]
+
+
 def scan_image_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     """Class names and (path, label) samples of ``root/train`` and ``root/val``, checked for layout."""
     if not root.is_dir():
@@ -354,9 +368,12 @@ def load_datasets(
         if data_path is None:
             raise DataError("an ImageFolder data set needs --data-path pointing at a folder with train/ and val/")
         channels = in_chans or 3
-        classes, samples = scan_image_folder(Path(data_path))
+        if name == "unlabeled":
+            classes, samples = ["unlabelled"], {"train": _unlabeled_files(Path(data_path)), "val": []}
+        else:
+            classes, samples = scan_image_folder(Path(data_path))
         if bad_files == "skip":
-            samples = {split: _readable(files, split) for split, files in samples.items()}
+            samples = {split: _readable(files, split) if files else [] for split, files in samples.items()}
         train = ImageFileDataset(samples["train"], channels)
         val = ImageFileDataset(samples["val"], channels)
         native_size = None

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from deit.data.datasets import (
     IMAGE_EXTENSIONS,
+    UNLABELED,
     DataError,
     DatasetInfo,
     ImageFileDataset,
@@ -34,8 +35,6 @@ from deit.data.datasets import (
 )
 
 log = logging.getLogger("deit")
-
-UNLABELED = -1
 
 
 def label_fraction_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from deit.data.batch import Batch
 from deit.engine import Precision, StepParts
 from deit.ssl.backbone import Backbone
 from deit.ssl.byol import BYOL
+from deit.ssl.knn import knn_predict
 from deit.ssl.method import Method
 from deit.ssl.moco import MoCo
 from deit.ssl.simclr import SimCLR
@@ -37,7 +38,7 @@ def build_method(backbone: Backbone, config: PretrainConfig, total_steps: int) -
     heads = {"dim": config.dim, "hidden_dim": config.hidden_dim}
     temperature = config.temperature or DEFAULT_TEMPERATURE.get(config.method or "", 0.5)
     if config.method == "simclr":
-        return SimCLR(backbone, **heads, temperature=temperature)
+        return SimCLR(backbone, **heads, layers=config.projector_layers, temperature=temperature)
     if config.method in ("moco", "mocov3"):
         version = 3 if config.method == "mocov3" else 2
         return MoCo(backbone, version=version, total_steps=total_steps, **heads, queue_size=config.queue_size,
@@ -91,10 +92,8 @@ def knn_accuracy(
     counts = torch.zeros(2, device=device)  # correct, seen
     for images, targets in val_loader:
         features = embed(backbone, images.to(device), precision=precision)
-        similarity, neighbours = (features @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(features), num_classes, device=device)
-        votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp())
-        counts[0] += (votes.argmax(dim=1) == targets.to(device)).sum()
+        predicted = knn_predict(bank, labels, features, num_classes=num_classes, k=k, temperature=temperature)
+        counts[0] += (predicted == targets.to(device)).sum()
         counts[1] += len(targets)
     correct, seen = (reduce(counts.cpu()) if reduce is not None else counts.cpu()).tolist()
     return {"acc1": 100.0 * correct / max(seen, 1), "num_samples": int(seen)}
