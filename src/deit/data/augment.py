@@ -30,17 +30,24 @@ def _posterize_keeping_zero_bits(aug_fn):
 
 def rand_augment(policy: str, *, input_size: int, mean: Sequence[float]):
     """timm's RandAugment for ``policy`` (e.g. ``rand-m9-mstd0.5-inc1``), on PIL images, with Posterize guarded."""
-    from timm.data.auto_augment import AugmentOp, posterize, rand_augment_transform
+    from timm.data.auto_augment import rand_augment_transform
 
     fill = tuple(round(255 * m) for m in mean)
     hparams = {
         "translate_const": int(input_size * 0.45),  # timm's default for the paper's recipe: 45 % of the side
         "img_mean": fill if len(fill) > 1 else fill[0],  # fill of rotations and shears; one value for grayscale
     }
-    transform = rand_augment_transform(policy, hparams)
-    for op in transform.ops:
-        if isinstance(op, AugmentOp) and op.aug_fn is posterize:
-            op.aug_fn = _posterize_keeping_zero_bits(op.aug_fn)
+    return guard_posterize(rand_augment_transform(policy, hparams))
+
+
+def guard_posterize(transform):
+    """``transform`` (timm's RandAugment, alone or in a Compose) with its Posterize ops working on Pillow 13."""
+    from timm.data.auto_augment import AugmentOp, posterize
+
+    for part in getattr(transform, "transforms", [transform]):
+        for op in getattr(part, "ops", []):
+            if isinstance(op, AugmentOp) and op.aug_fn is posterize:
+                op.aug_fn = _posterize_keeping_zero_bits(op.aug_fn)
     return transform
 
 

@@ -1,0 +1,218 @@
+"""Self-supervised pretraining on Fashion-MNIST: what each method's features are worth, and what they give few labels.
+
+Part 1, the representation. Each method (SimCLR, MoCo v2, MoCo v3, BYOL)
+pretrains the same backbone (``fashion_mnist_pretrain``: a small-image
+ResNet-8) on the 60,000 training images without their labels. Then
+``deit linear-probe`` scores its frozen features: a logistic regression and a
+kNN classifier, beside the same network at random init and the raw pixels.
+
+Part 2, few labels (the label-efficiency table's question), for each label
+fraction and seed:
+
+* supervised          the DeiT student on the labelled images only
+* pretrain + fine-tune the pretrained backbone (``--simclrv2-method``) fine-tuned on the
+                      labelled images (``deit train --init``)
+* SimCLRv2            that fine-tuned network distils into the DeiT student on all images,
+                      labelled or not (``--label-fraction``, ``--distillation-type hard``)
+
+and, as the mark to reach, the supervised student on 100 % of the labels at the same budget.
+
+    python benchmarks/self_supervised.py                        # the committed table
+    python benchmarks/self_supervised.py --methods simclr --pretrain-epochs 1 --student-epochs 1 \\
+        --finetune-epochs 1 --seeds 1 --fractions 0.1 --work-dir /tmp/ssl --output /tmp/ssl.md   # smoke
+
+Runs live under --work-dir; finished runs (and their probes) are read, not redone, so an
+interrupted table continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from distillation_table import commit, mean_std, train_or_read
+
+from deit.config import load_config, with_overrides
+from deit.ssl.probe import probe_checkpoint
+
+PRETRAIN_PRESET = "fashion_mnist_pretrain"
+FINETUNE_PRESET = "fashion_mnist_teacher_strong"  # its recipe (schedule, RE, smoothing) for the pretrained CNN
+STUDENT_PRESET = "fashion_mnist"
+METHODS = ("simclr", "moco", "mocov3", "byol")
+FEW_LABEL_COLUMNS = ("supervised", "pretrain + fine-tune", "SimCLRv2: pretrain + fine-tune + distil")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1], help="part 2; none: skip it")
+    parser.add_argument("--simclrv2-method", choices=METHODS, default="simclr", help="whose backbone part 2 uses")
+    parser.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the pool, labelled images cycled")
+    parser.add_argument("--student-epochs", type=int, default=10, help="epochs of the pool, as label_efficiency.py")
+    parser.add_argument("--unlabeled-ratio", type=float, default=0.75, help="unlabelled share of the SimCLRv2 batches")
+    parser.add_argument("--work-dir", default="runs/self_supervised")
+    parser.add_argument("--output", default="benchmarks/results/self_supervised.md")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def pretrain(args: argparse.Namespace, method: str, seed: int) -> tuple[dict, Path]:
+    folder = Path(args.work_dir) / "pretrain" / method / f"seed{seed}"
+    overrides = {"pretrain.method": method, "run.seed": seed, "run.output_dir": str(folder), "run.resume": "auto",
+                 "run.progress": not args.no_progress}  # fmt: skip
+    if args.pretrain_epochs:
+        overrides["optim.epochs"] = args.pretrain_epochs
+    return train_or_read(with_overrides(load_config(PRETRAIN_PRESET), overrides), folder), folder / "checkpoint.pth"
+
+
+def probe(checkpoint: Path, seed: int) -> list[dict]:
+    """The linear probe of ``checkpoint`` and its baselines, on all the labels; kept beside the run."""
+    saved = checkpoint.parent / "probe.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    scores = [asdict(score) for score in probe_checkpoint(checkpoint, seed=seed, device="auto", amp="auto")]
+    saved.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained: Path | None) -> dict[str, dict]:
+    """The three columns of part 2 at one label fraction and seed (only the supervised one at 100 %)."""
+    work = Path(args.work_dir) / f"labels{fraction:g}" / f"seed{seed}"
+    common = {"data.label_fraction": fraction if fraction < 1 else None, "data.unlabeled_ratio": args.unlabeled_ratio,
+              "run.seed": seed, "run.resume": "auto", "run.progress": not args.no_progress}  # fmt: skip
+
+    def run(preset: str, folder: str, **overrides) -> dict:
+        values = {**common, "run.output_dir": str(work / folder), **overrides}
+        return train_or_read(with_overrides(load_config(preset), values), work / folder)
+
+    results = {"supervised": run(STUDENT_PRESET, "supervised", **{"optim.epochs": args.student_epochs})}
+    if fraction >= 1 or pretrained is None:
+        return results
+    backbone = load_config(PRETRAIN_PRESET).model.name
+    results["pretrain + fine-tune"] = run(
+        FINETUNE_PRESET, "finetune",
+        **{"model.name": backbone, "model.init": str(pretrained), "optim.epochs": args.finetune_epochs},
+    )  # fmt: skip
+    results["SimCLRv2: pretrain + fine-tune + distil"] = run(
+        STUDENT_PRESET, "simclrv2",
+        **{"optim.epochs": args.student_epochs, "distill.type": "hard",
+           "distill.teacher_path": str(work / "finetune" / "checkpoint.pth"), "run.eval_teacher": False},
+    )  # fmt: skip
+    return results
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    started = time.perf_counter()
+    pretrained: dict[str, list[tuple[dict, list[dict]]]] = {}
+    for seed in range(args.seeds):
+        for method in args.methods:
+            logging.info("pretrain %s, seed %d", method, seed)
+            summary, checkpoint = pretrain(args, method, seed)
+            pretrained.setdefault(method, []).append((summary, probe(checkpoint, seed)))
+    few: dict[float, dict[str, list[dict]]] = {}
+    for seed in range(args.seeds if args.fractions else 0):
+        checkpoint = Path(args.work_dir) / "pretrain" / args.simclrv2_method / f"seed{seed}" / "checkpoint.pth"
+        for fraction in [*args.fractions, 1.0]:
+            logging.info("labels %g, seed %d", fraction, seed)
+            columns = few_labels(args, fraction, seed, checkpoint if checkpoint.is_file() else None)
+            for column, summary in columns.items():
+                few.setdefault(fraction, {}).setdefault(column, []).append(summary)
+    text = report(args, argv, pretrained, few, started)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text)
+    Path(args.output).with_suffix(".json").write_text(json.dumps(
+        {"argv": argv, "commit": commit(), "pretrained": pretrained, "few_labels": {str(k): v for k, v in few.items()}},
+        indent=1,
+    ))  # fmt: skip
+    print(text)
+    return 0
+
+
+def report(args, argv, pretrained, few, started) -> str:
+    config = load_config(PRETRAIN_PRESET)
+    epochs = args.pretrain_epochs or config.optim.epochs
+    lines = [
+        "# Self-supervised pretraining on Fashion-MNIST",
+        "",
+        f"Command: `{shlex.join(['python', 'benchmarks/self_supervised.py', *argv])}`",
+        "",
+        f"Measured at commit {commit()}; this invocation took {(time.perf_counter() - started) / 60:.0f} min "
+        "(finished runs are read, not retrained). Mean ± std over seeds; top-1 (%) on the 10,000 test images.",
+        "",
+        "## The representation",
+        "",
+        f"Backbone `{config.model.name}`, pretrained without labels on the 60,000 training images for {epochs} "
+        f"epochs (preset `{PRETRAIN_PRESET}`: batch {config.optim.batch_size}, AdamW). `deit linear-probe` then "
+        "fits a logistic regression (L-BFGS, C = 1) on the frozen features of all 60,000 labelled images; kNN: "
+        "k = 20, T = 0.07, cosine.",
+        "",
+        "| method | linear probe | kNN | random init: linear / kNN | raw pixels: linear / kNN | minutes |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, runs in pretrained.items():
+        scores = [probe for _, probe in runs]
+
+        def column(row: int, key: str, scores=scores) -> str:
+            return mean_std([score[row][key] for score in scores])
+
+        minutes = statistics.mean(summary["minutes"] for summary, _ in runs)
+        lines.append(
+            f"| {method} | {column(0, 'linear_acc1')} | {column(0, 'knn_acc1')} | {column(1, 'linear_acc1')} / "
+            f"{column(1, 'knn_acc1')} | {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes:.1f} |"
+        )
+    if few:
+        lines += [
+            "",
+            "## Few labels",
+            "",
+            f"The DeiT student (`{load_config(STUDENT_PRESET).model.name}`) trains for {args.student_epochs} epochs "
+            f"of the 60,000-image pool; with a fraction of the labels, the labelled images are cycled. "
+            f"Pretrain + fine-tune: the {args.simclrv2_method} backbone, `--init` into `{FINETUNE_PRESET}`'s recipe, "
+            f"{args.finetune_epochs} epochs of the pool. SimCLRv2: that network teaches the student by hard "
+            f"distillation on all the images, {args.unlabeled_ratio:.0%} of each batch unlabelled.",
+            "",
+            "| labels | " + " | ".join(FEW_LABEL_COLUMNS) + " |",
+            "|---|" + "---:|" * len(FEW_LABEL_COLUMNS),
+        ]
+        for fraction, columns in sorted(few.items()):
+            cells = [mean_std([run["final"]["acc1"] for run in columns.get(name, [])]) for name in FEW_LABEL_COLUMNS]
+            lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
+    lines += ["", "## Goals", "", *goals(pretrained, few)]
+    return "\n".join(lines) + "\n"
+
+
+def goals(pretrained: dict, few: dict) -> list[str]:
+    def mean_of(runs: list, row: int) -> float:
+        return statistics.mean(probe[row]["linear_acc1"] for _, probe in runs)
+
+    lines = []
+    for method, runs in pretrained.items():
+        beats = mean_of(runs, 0) > max(mean_of(runs, 1), mean_of(runs, 2))
+        lines.append(f"- {method}: the linear probe beats random init and raw pixels: **{'yes' if beats else 'no'}**")
+    if pretrained:
+        best = max(pretrained, key=lambda method: mean_of(pretrained[method], 0))
+        met = mean_of(pretrained[best], 0) >= 88
+        lines.append(f"- A linear probe ≥ 88 %: **{'yes' if met else 'no'}** (best: {best}, "
+                     f"{mean_of(pretrained[best], 0):.2f})")  # fmt: skip
+    simclrv2 = few.get(0.1, {}).get(FEW_LABEL_COLUMNS[2], [])
+    full = few.get(1.0, {}).get("supervised", [])
+    if simclrv2 and full:
+        ours, mark = (statistics.mean(run["final"]["acc1"] for run in runs) for runs in (simclrv2, full))
+        lines.append(f"- With 10 % of the labels, SimCLRv2 reaches the supervised student on 100 %: "
+                     f"**{'yes' if ours >= mark else 'no'}** ({ours:.2f} against {mark:.2f})")  # fmt: skip
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
