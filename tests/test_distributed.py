@@ -161,3 +161,21 @@ def test_a_cuda_run_joins_a_group_that_serves_cpu_and_cuda_tensors(monkeypatch):
     assert served == {"cpu": "gloo", "cuda": "nccl"}
     distributed.init_process_group(distributed.Distributed(0, 2, 0), torch.device("cpu"))
     assert joined[1] == "gloo"
+
+
+@needs_fashion_mnist
+def test_moco_under_torchrun_queues_the_keys_of_both_processes(tmp_path):
+    """Each step queues 2 views x the global batch: the queue is the same on every process, as MoCo's across GPUs."""
+    from test_ssl import pretrain_config
+
+    small = {"optim.batch_size": 32, "optim.epochs": 1, "pretrain.queue_size": 1000, "run.eval_interval": 1}
+    config = pretrain_config(tmp_path / "two", "moco", **small)
+    path = tmp_path / "two.yaml"
+    save_config(config, path)
+    child = torchrun(["-m", "deit", "pretrain", "--method", "moco", "--config", str(path)], tmp_path)
+    assert child.wait(timeout=300) == 0
+    state = load_checkpoint(tmp_path / "two" / "checkpoint.pth")
+    steps = 256 // (2 * 32)  # 256 images, 32 per process
+    assert state["world_size"] == 2 and state["epoch"] == 1
+    assert int(state["model"]["queue.position"]) == steps * 2 * (2 * 32) % 1000  # 512; one process alone: 256
+    assert state["history"][0]["val"]["num_samples"] == 10000  # the kNN monitor scored each image once

@@ -42,6 +42,14 @@ class Distributed:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
 
+    def concat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` (the same shape on each), concatenated along dim 0 in rank order."""
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
     def gather(self, value: Any) -> list[Any]:
         """``value`` of every process, in rank order (small picklable objects only)."""
         if not self.enabled:

@@ -217,7 +217,9 @@ def _build_student(spec: ModelSpec, config: ModelConfig) -> nn.Module:
     return model
 
 
-def _self_supervised(model: nn.Module, config: TrainConfig, data: DataBundle) -> tuple[Method, DataBundle]:
+def _self_supervised(
+    model: nn.Module, config: TrainConfig, data: DataBundle, layout: Distributed
+) -> tuple[Method, DataBundle]:
     """The method around ``model`` (now its backbone), trained on two views of every image (``deit.ssl``)."""
     if config.distill.type != "none" or config.augment.mixup > 0 or config.augment.cutmix > 0:
         raise RunError("self-supervised pretraining uses no teacher and no Mixup / CutMix: drop those settings")
@@ -227,7 +229,8 @@ def _self_supervised(model: nn.Module, config: TrainConfig, data: DataBundle) ->
             "an image folder of small images that fits --decode-budget-gb"
         )
     total_steps = config.optim.epochs * (len(data.train_loader) // config.optim.accum_steps)
-    method = build_method(Backbone(model), config.pretrain, total_steps).to(next(model.parameters()).device)
+    method = build_method(Backbone(model), config.pretrain, total_steps, layout=layout)
+    method = method.to(next(model.parameters()).device)
     views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)
     return method, dataclasses.replace(data, batch_transform=views)
 
@@ -311,7 +314,7 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     spec = model_spec(config.model, data.info, data.input_size)
     model = _build_student(spec, config.model).to(device)
     if config.pretrain.method:
-        model, data = _self_supervised(model, config, data)
+        model, data = _self_supervised(model, config, data, layout)
     teacher = _build_teacher(config, data)
     if isinstance(teacher, Teacher):  # a network (stored pseudo-labels need none of this)
         if config.distill.teacher_channels_last:

@@ -16,7 +16,14 @@ class Backbone(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if not isinstance(model, VisionTransformer | SmallResNet):
+        if isinstance(model, VisionTransformer | SmallResNet):
+            # the heads stay in the state dict (checkpoints keep the model's layout) but take no part: frozen, so
+            # that DistributedDataParallel does not wait for their gradients
+            heads = [model.head, model.head_dist] if isinstance(model, VisionTransformer) else [model.fc]
+            for head in heads:
+                if head is not None:
+                    head.requires_grad_(False)
+        else:
             model.reset_classifier(0)  # timm: the model now returns its pooled features
         self.model = model
         if isinstance(model, VisionTransformer):

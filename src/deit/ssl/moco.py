@@ -6,12 +6,15 @@
   negatives), the loss scaled by 2 tau. For a ViT the patch projection stays
   at its random initialisation, which the v3 paper found to stabilise training.
 
-Both are symmetric: each view is a query for the other's key. The key
+Both are symmetric: each view is a query for the other's key. Under torchrun,
+v2 queues the keys of every process, as MoCo does across GPUs. The key
 encoder follows the query encoder by a momentum that rises to 1 on a cosine
 over the run.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,6 +38,7 @@ class MoCo(Method):
         queue_size: int = 4096,
         temperature: float = 0.2,
         momentum: float = 0.99,
+        concat: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if version not in (2, 3):
@@ -50,6 +54,8 @@ class MoCo(Method):
         self.predictor = mlp(dim, hidden_dim, dim, 2) if version == 3 else nn.Identity()
         self.key_encoder = frozen_copy(nn.Sequential(backbone, self.projector))
         self.queue = KeyQueue(queue_size, dim) if version == 2 else None
+        # under torchrun: every process's keys, in rank order, so that every process holds the same queue
+        self.concat = concat or (lambda keys: keys)
         if version == 3 and isinstance(backbone.model, VisionTransformer):
             backbone.model.patch_embed.requires_grad_(False)
 
@@ -60,7 +66,7 @@ class MoCo(Method):
         negatives = self.queue.keys.clone() if self.queue is not None else None
         loss = (info_nce(q1, k2, negatives, self.temperature) + info_nce(q2, k1, negatives, self.temperature)) / 2
         if self.queue is not None and self.training:
-            self.queue.push(torch.nn.functional.normalize(torch.cat([k1, k2]).float(), dim=1))
+            self.queue.push(self.concat(torch.nn.functional.normalize(torch.cat([k1, k2]).float(), dim=1)))
         return {"loss": loss, "contrastive_loss": loss.detach()}
 
     def after_step(self, step: int) -> None:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from deit.config import PretrainConfig
 from deit.data import DataBundle
 from deit.data.batch import Batch
+from deit.distributed import Distributed
 from deit.engine import Precision, StepParts
 from deit.ssl.backbone import Backbone
 from deit.ssl.byol import BYOL
@@ -34,15 +35,18 @@ from deit.ssl.simclr import SimCLR
 DEFAULT_TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "mocov3": 0.2}
 
 
-def build_method(backbone: Backbone, config: PretrainConfig, total_steps: int) -> Method:
+def build_method(
+    backbone: Backbone, config: PretrainConfig, total_steps: int, *, layout: Distributed | None = None
+) -> Method:
     heads = {"dim": config.dim, "hidden_dim": config.hidden_dim}
     temperature = config.temperature or DEFAULT_TEMPERATURE.get(config.method or "", 0.5)
     if config.method == "simclr":
         return SimCLR(backbone, **heads, layers=config.projector_layers, temperature=temperature)
     if config.method in ("moco", "mocov3"):
         version = 3 if config.method == "mocov3" else 2
+        concat = layout.concat if layout is not None else None
         return MoCo(backbone, version=version, total_steps=total_steps, **heads, queue_size=config.queue_size,
-                    temperature=temperature, momentum=config.momentum)  # fmt: skip
+                    temperature=temperature, momentum=config.momentum, concat=concat)  # fmt: skip
     if config.method == "byol":
         return BYOL(backbone, total_steps=total_steps, **heads, momentum=config.momentum)
     raise ValueError(f"unknown self-supervised method {config.method!r}")
