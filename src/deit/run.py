@@ -31,9 +31,9 @@ from deit.pseudo_labels import PseudoLabels, PseudoLabelTeacher
 from deit.rng import seed_everything
 from deit.ssl.backbone import Backbone
 from deit.ssl.method import Method
-from deit.ssl.pretrain import build_method, view_losses
+from deit.ssl.pretrain import build_method, objective
 from deit.ssl.transfer import init_from_pretrained
-from deit.ssl.views import TwoViews
+from deit.ssl.views import OneView, TwoViews
 from deit.teacher_cache import TeacherCache
 from deit.teachers import InputSpec, Teacher, build_teacher
 
@@ -153,7 +153,7 @@ class Run:
             ema=self.ema,
             seed=self.config.run.seed,
             rank=self.layout.rank,
-            losses=view_losses if isinstance(self.model, Method) else None,
+            losses=objective(self.model) if isinstance(self.model, Method) else None,
             after_step=self.model.after_step if isinstance(self.model, Method) else None,
         )
 
@@ -231,7 +231,10 @@ def _self_supervised(
     total_steps = config.optim.epochs * (len(data.train_loader) // config.optim.accum_steps)
     method = build_method(Backbone(model), config.pretrain, total_steps, layout=layout)
     method = method.to(next(model.parameters()).device)
-    views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)
+    if method.needs_masks:  # BEiT: one view of each image, a crop and a flip; its patches are masked in the step
+        views = OneView(data.info.mean, data.info.std, scale=(0.4, 1.0), hflip=config.augment.hflip)
+    else:
+        views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)
     return method, dataclasses.replace(data, batch_transform=views)
 
 

@@ -4,6 +4,8 @@ deit train --config fashion_mnist --teacher-path runs/teacher/checkpoint.pth --d
 deit eval --checkpoint runs/student/checkpoint.pth
 deit pretrain --method simclr --model deit_nano_patch7_28 --output-dir runs/simclr
 deit linear-probe --checkpoint runs/simclr/checkpoint.pth --label-fraction 0.1
+deit tokenizer --patch-size 4 --output runs/tokens.safetensors
+deit pretrain --method beit --tokenizer runs/tokens.safetensors --model deit_nano_patch4_28 --output-dir runs/beit
 deit train --config fashion_mnist --init runs/simclr/checkpoint.pth --output-dir runs/from-simclr
 deit export --checkpoint runs/student/checkpoint.pth --format onnx --output student.onnx
 deit predict --checkpoint runs/student/checkpoint.pth shirt.png boot.jpg
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 
 from deit.cli.analysis import add_analyze_parser, add_plot_parser, add_report_parser
 from deit.cli.bench import add_benchmark_parser
-from deit.cli.pretrain import add_linear_probe_parser, add_pretrain_parser
+from deit.cli.pretrain import add_linear_probe_parser, add_pretrain_parser, add_tokenizer_parser
 from deit.cli.semi import add_noisy_student_parser, add_pseudo_label_parser
 from deit.cli.tools import add_export_parser, add_models_parser, add_predict_parser, add_verify_data_parser
 from deit.cli.train import add_demo_parser, add_eval_parser, add_train_parser
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (
         add_train_parser,
         add_pretrain_parser,
+        add_tokenizer_parser,
         add_linear_probe_parser,
         add_eval_parser,
         add_export_parser,

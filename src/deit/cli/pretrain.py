@@ -1,4 +1,4 @@
-"""``deit pretrain`` and ``deit linear-probe``: self-supervised pretraining and the score of what it learned."""
+"""``deit pretrain``, ``deit tokenizer`` and ``deit linear-probe``: self-supervised pretraining and its score."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ log = logging.getLogger("deit")
 def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pretrain",
-        help="self-supervised pretraining of a backbone: SimCLR, MoCo v2 / v3, BYOL",
+        help="self-supervised pretraining of a backbone: SimCLR, MoCo v2 / v3, BYOL, BEiT",
         description="Pretrain a backbone without labels (they only score it: a kNN classifier on its features after "
         "every epoch). Takes deit train's flags: --model, --data-set, --data-path, --epochs, --batch-size, "
         "--output-dir, --resume, --config ... Then score it with `deit linear-probe` and start a classifier from "
         "it with `deit train --init`.",
     )
-    parser.add_argument("--method", required=True, choices=("simclr", "moco", "mocov3", "byol"))
+    parser.add_argument("--method", required=True, choices=("simclr", "moco", "mocov3", "byol", "beit"))
+    parser.add_argument("--tokenizer", help="BEiT: the visual tokenizer `deit tokenizer` wrote [pretrain.tokenizer]")
     add_config_arguments(parser)
     parser.set_defaults(handler=run_pretrain)
 
@@ -32,7 +33,10 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     from deit.training import fit
 
-    config = with_overrides(train_config_from_args(args), {"pretrain.method": args.method})
+    overrides = {"pretrain.method": args.method}
+    if args.tokenizer:
+        overrides["pretrain.tokenizer"] = args.tokenizer
+    config = with_overrides(train_config_from_args(args), overrides)
     if _is_plain_folder(config.data.dataset, config.data.path):
         log.info("%s has no train/ and val/ class folders: pretraining on every image in it, without labels "
                  "(no kNN monitor)", config.data.path)  # fmt: skip
@@ -81,4 +85,43 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     print(format_scores(scores))
     if args.output:
         Path(args.output).write_text(json.dumps([asdict(score) for score in scores], indent=2))
+    return 0
+
+
+def add_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tokenizer",
+        help="fit BEiT's visual tokenizer: a k-means codebook of image patches",
+        description="Fit a codebook of --codebook-size tokens to patches of the training images (normalised, the "
+        "ViT's patch size), by k-means, and write it for `deit pretrain --method beit --tokenizer FILE`.",
+    )
+    parser.add_argument("--data-set", default="fashion-mnist")
+    parser.add_argument("--data-path")
+    parser.add_argument("--input-size", type=int, help="default: the data set's own")
+    parser.add_argument("--in-chans", type=int, help="image folders: 1 to read grayscale, 3 for RGB")
+    parser.add_argument("--patch-size", type=int, required=True, help="the ViT's patch size, e.g. 7 or 4 at 28 px")
+    parser.add_argument("--codebook-size", type=int, default=256, help="tokens (BEiT's dVAE has 8192)")
+    parser.add_argument("--samples", type=int, default=100_000, help="random patches the codebook is fitted to")
+    parser.add_argument("--bad-files", default="error", choices=("error", "skip"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=True, help="a .safetensors file")
+    parser.set_defaults(handler=run_tokenizer)
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    import torch
+
+    from deit.data import build_probe_data
+    from deit.ssl.tokenizer import train_tokenizer
+
+    dataset = "unlabeled" if _is_plain_folder(args.data_set, args.data_path) else args.data_set
+    loader, _, info = build_probe_data(
+        dataset, args.data_path, batch_size=512, input_size=args.input_size, in_chans=args.in_chans,
+        bad_files=args.bad_files,
+    )  # fmt: skip
+    images = torch.cat([batch for batch, _ in loader])  # normalised, unaugmented: what the ViT sees
+    tokenizer = train_tokenizer(images, patch_size=args.patch_size, codebook_size=args.codebook_size,
+                                dataset=info.name, samples=args.samples, seed=args.seed)  # fmt: skip
+    tokenizer.save(args.output)
+    print(json.dumps({"output": args.output, **asdict(tokenizer.info), "codebook_size": tokenizer.size}, indent=2))
     return 0

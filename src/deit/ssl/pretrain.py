@@ -13,6 +13,7 @@ backbone is scored by a kNN classifier (``knn_accuracy``) instead of its
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -26,11 +27,14 @@ from deit.data.batch import Batch
 from deit.distributed import Distributed
 from deit.engine import Precision, StepParts
 from deit.ssl.backbone import Backbone
+from deit.ssl.beit import BEiT
 from deit.ssl.byol import BYOL
 from deit.ssl.knn import knn_predict
+from deit.ssl.masking import BlockMasks
 from deit.ssl.method import Method
 from deit.ssl.moco import MoCo
 from deit.ssl.simclr import SimCLR
+from deit.ssl.tokenizer import PatchTokenizer, TokenizerError
 
 DEFAULT_TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "mocov3": 0.2}
 
@@ -47,6 +51,10 @@ def build_method(
         concat = layout.concat if layout is not None else None
         return MoCo(backbone, version=version, total_steps=total_steps, **heads, queue_size=config.queue_size,
                     temperature=temperature, momentum=config.momentum, concat=concat)  # fmt: skip
+    if config.method == "beit":
+        if config.tokenizer is None:
+            raise TokenizerError("BEiT predicts visual tokens: give --tokenizer FILE, made by `deit tokenizer`")
+        return BEiT(backbone, PatchTokenizer.load(config.tokenizer), mask_ratio=config.mask_ratio)
     if config.method == "byol":
         return BYOL(backbone, total_steps=total_steps, **heads, momentum=config.momentum)
     raise ValueError(f"unknown self-supervised method {config.method!r}")
@@ -56,6 +64,21 @@ def view_losses(parts: StepParts, batch: Batch) -> dict[str, torch.Tensor]:
     """The step's objective: the model is the method, the batch's images its two views (2B, C, H, W)."""
     with parts.precision.autocast():
         return parts.model(batch.images)  # Method.forward is its losses; through DDP's wrapper too
+
+
+def masked_image_losses(masking: BlockMasks, parts: StepParts, batch: Batch) -> dict[str, torch.Tensor]:
+    """BEiT's objective: each image's mask is drawn from its seed on the host, then moved to the device."""
+    masks = masking(batch.seeds).to(parts.device, non_blocking=True)
+    with parts.precision.autocast():
+        return parts.model(batch.images, masks)
+
+
+def objective(method: Method) -> Callable[[StepParts, Batch], dict[str, torch.Tensor]]:
+    """The losses of one micro-batch for ``method``: of two views, or of masked patches (BEiT)."""
+    if not method.needs_masks:
+        return view_losses
+    vit = method.backbone.model
+    return functools.partial(masked_image_losses, BlockMasks(vit.patch_embed.grid_size, ratio=method.mask_ratio))
 
 
 @torch.no_grad()

@@ -107,3 +107,15 @@ def gaussian_blur3(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     height, width = x.shape[-2:]
     rows = sum(weights[:, i].view(-1, 1, 1, 1) * padded[..., i : i + height, :] for i in range(3))
     return sum(weights[:, j].view(-1, 1, 1, 1) * rows[..., j : j + width] for j in range(3))
+
+
+@dataclass(frozen=True)
+class OneView(TwoViews):
+    """One view of every image (BEiT's input): by default a crop and a flip, without jitter or blur."""
+
+    jitter: float = 0.0
+    blur: float = 0.0
+
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) and seeds (B,) on the host -> normalised (B, C, H, W)."""
+        return self.view(images, seeds.cpu())

@@ -1,0 +1,170 @@
+"""BEiT: the visual tokenizer, blockwise masking, the masked-token loss, and a run that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import needs_fashion_mnist
+from deit.ssl.masking import BlockMasks
+from deit.ssl.tokenizer import PatchTokenizer, TokenizerError, TokenizerInfo, kmeans, patchify, train_tokenizer
+
+
+def test_block_masks_cover_the_target_share_in_blocks_drawn_from_each_seed():
+    masking = BlockMasks(grid=7, ratio=0.4, min_block=4)
+    masks = masking(torch.arange(2000))
+    counts = masks.sum(dim=1).float()
+    assert masking.target == 20 and counts.max() <= 20  # a block never overshoots the target
+    assert counts.mean() > 19.5  # and the target is nearly always reached
+    assert torch.equal(masking(torch.tensor([7, 7])), masking(torch.tensor([7, 7])))  # the seed decides
+    assert not torch.equal(masks[0], masks[1])
+    # blocks, not scattered patches: most masked patches have a masked neighbour in their row or column
+    grid = masks.view(-1, 7, 7)
+    neighbour = torch.zeros_like(grid)
+    neighbour[:, 1:] |= grid[:, :-1]
+    neighbour[:, :-1] |= grid[:, 1:]
+    neighbour[:, :, 1:] |= grid[:, :, :-1]
+    neighbour[:, :, :-1] |= grid[:, :, 1:]
+    assert (grid & neighbour).sum() / grid.sum() > 0.9
+    # every patch position gets masked sometimes: no corner is out of reach
+    assert masks.float().mean(dim=0).min() > 0.1
+
+
+def test_block_masks_on_a_4x4_grid():
+    masks = BlockMasks(grid=4)(torch.arange(500))
+    assert torch.all(masks.sum(dim=1) == 6)
+
+
+def test_kmeans_finds_separated_clusters_and_reseeds_an_empty_one():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(200, 2, generator=generator) for c in centres])
+    found, inertia = kmeans(points, 3, seed=1)
+    matched = torch.cdist(found, centres).min(dim=1).values
+    assert matched.max() < 0.1 and inertia < 0.05
+    # 4 clusters for 3 blobs: none stays empty, each of the 4 serves some points
+    found, _ = kmeans(points, 4, seed=1)
+    from deit.ssl.tokenizer import nearest
+
+    assert len(torch.unique(nearest(points, found))) == 4
+
+
+def test_the_tokenizer_names_each_patch_by_its_nearest_centroid_and_round_trips(tmp_path):
+    images = torch.zeros(2, 1, 8, 8)
+    images[0, :, :4, :4] = 1.0  # image 0: its top-left patch is bright
+    codebook = torch.stack([torch.zeros(16), torch.ones(16)])
+    tokenizer = PatchTokenizer(codebook, TokenizerInfo(4, 1, "test", 8, 10, 0.0))
+    assert tokenizer(images).tolist() == [[1, 0, 0, 0], [0, 0, 0, 0]]
+    tokenizer.save(tmp_path / "tokens.safetensors")
+    again = PatchTokenizer.load(tmp_path / "tokens.safetensors")
+    assert torch.equal(again.codebook, tokenizer.codebook) and again.info == tokenizer.info
+    with pytest.raises(TokenizerError, match="patches of 4 px, the ViT has 1-channel patches of 7 px"):
+        again.check(7, 1)
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(TokenizerError, match="not a tokenizer"):
+        PatchTokenizer.load(tmp_path / "bad.safetensors")
+
+
+def test_patchify_follows_the_vits_patch_order():
+    images = torch.arange(2 * 16, dtype=torch.float).view(2, 1, 4, 4)
+    patches = patchify(images, 2)
+    assert patches.shape == (2, 4, 4)
+    assert patches[0, 1].tolist() == [2.0, 3.0, 6.0, 7.0]  # second patch of the first row
+
+
+def small_beit(tokens: int = 16):
+    from deit.models import create_model
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.beit import BEiT
+
+    torch.manual_seed(0)
+    vit = create_model("deit_pico_patch4_28", num_classes=10, in_chans=1, img_size=28)
+    tokenizer = train_tokenizer(torch.randn(32, 1, 28, 28), patch_size=4, codebook_size=tokens, dataset="test")
+    return BEiT(Backbone(vit), tokenizer)
+
+
+def test_unmasked_positions_carry_no_loss():
+    beit = small_beit()
+    images = torch.randn(4, 1, 28, 28)
+    masks = BlockMasks(grid=7)(torch.arange(4))
+    base = beit.losses(images, masks)["loss"]
+    real = beit.tokenizer.forward
+
+    def other_tokens_where_visible(x):
+        tokens = real(x)
+        return torch.where(masks, tokens, (tokens + 1) % beit.tokenizer.size)
+
+    beit.tokenizer.forward = other_tokens_where_visible
+    assert torch.equal(beit.losses(images, masks)["loss"], base)  # the targets of visible patches do not count
+    beit.tokenizer.forward = lambda x: torch.where(masks, (real(x) + 1) % beit.tokenizer.size, real(x))
+    assert not torch.equal(beit.losses(images, masks)["loss"], base)  # those of masked patches do
+
+
+def test_a_masked_patch_sees_the_mask_embedding_not_its_pixels():
+    beit = small_beit().eval()
+    images = torch.randn(1, 1, 28, 28)
+    masks = torch.zeros(1, 49, dtype=torch.bool)
+    masks[0, 0] = True
+    changed = images.clone()
+    changed[..., :4, :4] += 5  # the pixels of the masked patch only
+    assert torch.allclose(beit.patch_features(images, masks), beit.patch_features(changed, masks))
+    assert not torch.allclose(beit.patch_features(images, ~masks), beit.patch_features(changed, ~masks))
+
+
+def test_beit_refuses_a_cnn_and_a_tokenizer_of_other_patches():
+    from deit.errors import ModelError
+    from deit.models import create_model
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.beit import BEiT
+
+    tokenizer = train_tokenizer(torch.randn(8, 1, 28, 28), patch_size=7, codebook_size=8, dataset="test")
+    with pytest.raises(ModelError, match="not SmallResNet"):
+        BEiT(Backbone(create_model("resnet8_small", num_classes=10, in_chans=1, img_size=28)), tokenizer)
+    with pytest.raises(TokenizerError, match="patches of 7 px, the ViT has 1-channel patches of 4 px"):
+        BEiT(Backbone(create_model("deit_pico_patch4_28", num_classes=10, in_chans=1, img_size=28)), tokenizer)
+
+
+@needs_fashion_mnist
+def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypatch, capsys):
+    import deit.training
+    from deit.checkpoint import load_checkpoint
+    from deit.cli.main import main
+    from deit.interrupts import StopRequest
+    from deit.training import RunInterrupted, fit
+    from test_ssl import pretrain_config
+
+    tokens = tmp_path / "tokens.safetensors"
+    assert main(["tokenizer", "--patch-size", "4", "--codebook-size", "32", "--samples", "20000",
+                 "--output", str(tokens)]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["patch_size"] == 4
+    beit = {"model.name": "deit_pico_patch4_28", "pretrain.tokenizer": str(tokens), "optim.epochs": 2}
+    whole = fit(pretrain_config(tmp_path / "whole", "beit", **beit))
+    steps = [json.loads(line) for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
+    assert steps[-1]["loss"] < steps[0]["loss"]  # it learns to predict the masked tokens
+    assert whole.final["num_samples"] == 10000  # the kNN monitor scored the class token
+
+    stop, real_step = StopRequest(), deit.training.RunLogs.step
+
+    def stop_after_step_5(self, record):
+        real_step(self, record)
+        if record["step"] == 5:
+            stop.request(15)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(deit.training.RunLogs, "step", stop_after_step_5)
+        with pytest.raises(RunInterrupted):
+            fit(pretrain_config(tmp_path / "cut", "beit", **beit), stop=stop)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+    assert saved["epoch_step"] > 0 and "tokenizer.codebook" in saved["model"]  # the tokenizer is in the checkpoint
+    resumed = fit(pretrain_config(tmp_path / "cut", "beit", **{**beit, "run.resume": "auto"}))
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+    student = tmp_path / "student"
+    pretrained = str(tmp_path / "whole" / "checkpoint.pth")
+    code = main(["train", "--model", "deit_pico_distilled_patch4_28", "--init", pretrained,
+                 "--train-subset", "256", "--epochs", "1", "--batch-size", "64", "--no-progress",
+                 "--output-dir", str(student)])  # fmt: skip
+    assert code == 0
