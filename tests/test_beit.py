@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import needs_fashion_mnist
+from deit.ssl.kmeans import kmeans, nearest
 from deit.ssl.masking import BlockMasks
-from deit.ssl.tokenizer import PatchTokenizer, TokenizerError, TokenizerInfo, kmeans, patchify, train_tokenizer
+from deit.ssl.tokenizer import PatchTokenizer, TokenizerError, TokenizerInfo, patchify, train_tokenizer
 
 
 def test_block_masks_cover_the_target_share_in_blocks_drawn_from_each_seed():
@@ -37,18 +38,26 @@ def test_block_masks_on_a_4x4_grid():
     assert torch.all(masks.sum(dim=1) == 6)
 
 
-def test_kmeans_finds_separated_clusters_and_reseeds_an_empty_one():
+def test_kmeans_finds_separated_clusters():
     generator = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     points = torch.cat([c + 0.1 * torch.randn(200, 2, generator=generator) for c in centres])
-    found, inertia = kmeans(points, 3, seed=1)
-    matched = torch.cdist(found, centres).min(dim=1).values
-    assert matched.max() < 0.1 and inertia < 0.05
-    # 4 clusters for 3 blobs: none stays empty, each of the 4 serves some points
-    found, _ = kmeans(points, 4, seed=1)
-    from deit.ssl.tokenizer import nearest
+    found, assigned, inertia = kmeans(points, 3, seed=1)
+    assert torch.cdist(found, centres).min(dim=1).values.max() < 0.1 and inertia < 0.05
+    assert torch.equal(assigned, nearest(points, found))
 
-    assert len(torch.unique(nearest(points, found))) == 4
+
+def test_an_empty_cluster_is_split_off_a_full_one():
+    """DeepCluster's fix, on a crafted start: one centroid is far from every point, so its cluster is empty."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    points = torch.cat([c + torch.randn(300, 2, generator=generator) for c in centres])
+    start = torch.tensor([[0.0, 0.0], [10.0, 0.0], [1000.0, 1000.0]])
+    _, assigned, _ = kmeans(points, 3, init=start, iterations=1)  # one round: the empty cluster is split at once
+    sizes = torch.bincount(assigned, minlength=3)
+    assert (sizes > 0).all(), sizes  # the far centroid took half of a blob
+    _, assigned, inertia_split = kmeans(points, 3, init=start, iterations=20)
+    assert (torch.bincount(assigned, minlength=3) > 50).all()
 
 
 def test_the_tokenizer_names_each_patch_by_its_nearest_centroid_and_round_trips(tmp_path):

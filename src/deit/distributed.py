@@ -50,6 +50,13 @@ class Distributed:
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every process (a new tensor)."""
+        result = tensor.detach().clone()
+        if self.enabled:
+            dist.broadcast(result, src=0)
+        return result
+
     def gather(self, value: Any) -> list[Any]:
         """``value`` of every process, in rank order (small picklable objects only)."""
         if not self.enabled:

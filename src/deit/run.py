@@ -229,9 +229,10 @@ def _self_supervised(
             "an image folder of small images that fits --decode-budget-gb"
         )
     total_steps = config.optim.epochs * (len(data.train_loader) // config.optim.accum_steps)
-    method = build_method(Backbone(model), config.pretrain, total_steps, layout=layout)
+    method = build_method(Backbone(model), config.pretrain, total_steps, layout=layout,
+                          num_images=len(data.train_loader.dataset), seed=config.run.seed)  # fmt: skip
     method = method.to(next(model.parameters()).device)
-    if method.needs_masks:  # BEiT: one view of each image, a crop and a flip; its patches are masked in the step
+    if method.step_input != "two views":  # BEiT, DeepCluster: one view of each image, a crop and a flip
         views = OneView(data.info.mean, data.info.std, scale=(0.4, 1.0), hflip=config.augment.hflip)
     else:
         views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)

@@ -35,7 +35,7 @@ from deit.pseudo_labels import PseudoLabelTeacher
 from deit.resume import resume, resume_source
 from deit.run import Progress, Run, RunError, build_run, model_options, resolve_device
 from deit.ssl.method import Method
-from deit.ssl.pretrain import knn_monitor
+from deit.ssl.pretrain import epoch_context, knn_monitor
 from deit.teacher_cache import TeacherCache
 
 __all__ = ["RunError", "RunInterrupted", "TrainResult", "fit", "model_options", "resolve_device"]
@@ -92,6 +92,11 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, logs: RunLogs, stop: 
     )
     if isinstance(run.teacher, TeacherCache):
         run.teacher.set_epoch(epoch)
+    notes = {}
+    if isinstance(run.model, Method):  # DeepCluster clusters here; a resumed epoch keeps its clusters
+        context = epoch_context(run.data, device=run.device, precision=run.precision, optimizer=run.optimizer,
+                                layout=layout)  # fmt: skip
+        notes = run.model.before_epoch(epoch, context)
     steps_left = run.steps_per_epoch - progress.epoch_step
     # a bar on a terminal; in a log file, a line every log_interval steps
     report = StepProgress(
@@ -133,7 +138,7 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, logs: RunLogs, stop: 
     train.update(
         lr=progress.meter.lr, steps=run.steps_per_epoch, images_per_sec=layout.sum(rate).item(), seconds=seconds
     )
-    return {"epoch": epoch + 1, "train": train, "seconds": seconds}
+    return {"epoch": epoch + 1, "train": train, "seconds": seconds, **notes}
 
 
 def _stop_agreed(run: Run, stop: StopRequest) -> bool:

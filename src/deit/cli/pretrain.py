@@ -18,13 +18,13 @@ log = logging.getLogger("deit")
 def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pretrain",
-        help="self-supervised pretraining of a backbone: SimCLR, MoCo v2 / v3, BYOL, BEiT",
+        help="self-supervised pretraining of a backbone: SimCLR, MoCo v2 / v3, BYOL, BEiT, DeepCluster",
         description="Pretrain a backbone without labels (they only score it: a kNN classifier on its features after "
         "every epoch). Takes deit train's flags: --model, --data-set, --data-path, --epochs, --batch-size, "
         "--output-dir, --resume, --config ... Then score it with `deit linear-probe` and start a classifier from "
         "it with `deit train --init`.",
     )
-    parser.add_argument("--method", required=True, choices=("simclr", "moco", "mocov3", "byol", "beit"))
+    parser.add_argument("--method", required=True, choices=("simclr", "moco", "mocov3", "byol", "beit", "deepcluster"))
     parser.add_argument("--tokenizer", help="BEiT: the visual tokenizer `deit tokenizer` wrote [pretrain.tokenizer]")
     add_config_arguments(parser)
     parser.set_defaults(handler=run_pretrain)

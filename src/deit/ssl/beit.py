@@ -30,7 +30,7 @@ from deit.ssl.tokenizer import PatchTokenizer
 
 
 class BEiT(Method):
-    needs_masks = True  # the step passes each image's mask, drawn from its seed (see method.masked_image_losses)
+    step_input = "view and mask"  # each image's mask is drawn from its seed (see pretrain.masked_image_losses)
 
     def __init__(self, backbone: Backbone, tokenizer: PatchTokenizer, *, mask_ratio: float = 0.4) -> None:
         super().__init__()

@@ -2,25 +2,61 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
+from deit.engine import Precision
 from deit.ssl.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class EpochContext:
+    """What a method may look at before an epoch (DeepCluster clusters every training image's features)."""
+
+    images: torch.Tensor  # the training images, uint8 (N, C, H, W), in memory, on the host
+    labels: torch.Tensor  # their labels, -1 where there is none: only to log how clusters match them
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    precision: Precision
+    optimizer: torch.optim.Optimizer | None = None
+    broadcast: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor  # rank 0's tensor on every process
+
+    @torch.no_grad()
+    def features(self, backbone: nn.Module, batch_size: int = 512) -> torch.Tensor:
+        """The backbone's features (N, D) of every training image, unaugmented, in fp32 on the device."""
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        was_training = backbone.training
+        backbone.eval()
+        chunks = []
+        for start in range(0, len(self.images), batch_size):
+            images = (self.images[start : start + batch_size].to(self.device).float() / 255 - mean) / std
+            with self.precision.autocast():
+                chunks.append(backbone(images).float())
+        backbone.train(was_training)
+        return torch.cat(chunks)
 
 
 class Method(nn.Module):
     """A backbone being pretrained, with the heads (and targets, queues) its method adds.
 
     ``losses`` takes the two views of a batch, stacked (2B, C, H, W), and
-    returns ``{"loss": ...}`` and its parts; a method with ``needs_masks``
-    (BEiT) takes one view (B, C, H, W) and each image's patch mask (B, N)
-    instead. ``after_step`` runs after each
+    returns ``{"loss": ...}`` and its parts. As ``step_input`` says, BEiT
+    takes one view (B, C, H, W) and each image's patch mask (B, N) instead,
+    and DeepCluster one view and each image's index in the training set.
+    ``before_epoch`` runs before each epoch (DeepCluster's clustering) and
+    returns what to add to the epoch's record. ``after_step`` runs after each
     optimizer step (momentum targets). ``backbone`` is what is kept and used
     afterwards: for the kNN monitor, the linear probe and ``deit train --init``.
     """
 
     backbone: Backbone
-    needs_masks = False
+    step_input = "two views"  # or "view and mask" (BEiT), "view and index" (DeepCluster): see pretrain.objective
 
     def losses(self, views: torch.Tensor, *masks: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -28,6 +64,10 @@ class Method(nn.Module):
     def forward(self, views: torch.Tensor, *masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """The losses: the training step calls the method (or its DistributedDataParallel wrapper) on the batch."""
         return self.losses(views, *masks)
+
+    def before_epoch(self, epoch: int, context: EpochContext) -> dict[str, Any]:
+        """Nothing to do by default; DeepCluster clusters here."""
+        return {}
 
     def after_step(self, step: int) -> None:
         """Nothing to do by default: SimCLR has no target network."""

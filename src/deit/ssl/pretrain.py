@@ -29,9 +29,10 @@ from deit.engine import Precision, StepParts
 from deit.ssl.backbone import Backbone
 from deit.ssl.beit import BEiT
 from deit.ssl.byol import BYOL
+from deit.ssl.deepcluster import ClusterSettings, DeepCluster
 from deit.ssl.knn import knn_predict
 from deit.ssl.masking import BlockMasks
-from deit.ssl.method import Method
+from deit.ssl.method import EpochContext, Method
 from deit.ssl.moco import MoCo
 from deit.ssl.simclr import SimCLR
 from deit.ssl.tokenizer import PatchTokenizer, TokenizerError
@@ -40,7 +41,13 @@ DEFAULT_TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "mocov3": 0.2}
 
 
 def build_method(
-    backbone: Backbone, config: PretrainConfig, total_steps: int, *, layout: Distributed | None = None
+    backbone: Backbone,
+    config: PretrainConfig,
+    total_steps: int,
+    *,
+    layout: Distributed | None = None,
+    num_images: int = 0,
+    seed: int = 0,
 ) -> Method:
     heads = {"dim": config.dim, "hidden_dim": config.hidden_dim}
     temperature = config.temperature or DEFAULT_TEMPERATURE.get(config.method or "", 0.5)
@@ -55,6 +62,9 @@ def build_method(
         if config.tokenizer is None:
             raise TokenizerError("BEiT predicts visual tokens: give --tokenizer FILE, made by `deit tokenizer`")
         return BEiT(backbone, PatchTokenizer.load(config.tokenizer), mask_ratio=config.mask_ratio)
+    if config.method == "deepcluster":
+        settings = ClusterSettings(clusters=config.clusters, pca_dim=config.pca_dim, seed=seed)
+        return DeepCluster(backbone, num_images=num_images, settings=settings)
     if config.method == "byol":
         return BYOL(backbone, total_steps=total_steps, **heads, momentum=config.momentum)
     raise ValueError(f"unknown self-supervised method {config.method!r}")
@@ -73,12 +83,20 @@ def masked_image_losses(masking: BlockMasks, parts: StepParts, batch: Batch) -> 
         return parts.model(batch.images, masks)
 
 
+def indexed_view_losses(parts: StepParts, batch: Batch) -> dict[str, torch.Tensor]:
+    """DeepCluster's objective: one view, and each image's index, which names its cluster."""
+    with parts.precision.autocast():
+        return parts.model(batch.images, batch.indices.to(parts.device, non_blocking=True))
+
+
 def objective(method: Method) -> Callable[[StepParts, Batch], dict[str, torch.Tensor]]:
-    """The losses of one micro-batch for ``method``: of two views, or of masked patches (BEiT)."""
-    if not method.needs_masks:
-        return view_losses
-    vit = method.backbone.model
-    return functools.partial(masked_image_losses, BlockMasks(vit.patch_embed.grid_size, ratio=method.mask_ratio))
+    """The losses of one micro-batch for ``method``, fed what its ``step_input`` says."""
+    if method.step_input == "view and mask":
+        vit = method.backbone.model
+        return functools.partial(masked_image_losses, BlockMasks(vit.patch_embed.grid_size, ratio=method.mask_ratio))
+    if method.step_input == "view and index":
+        return indexed_view_losses
+    return view_losses
 
 
 @torch.no_grad()
@@ -138,3 +156,13 @@ def knn_monitor(
         method.backbone, bank, train.labels, data.val_loader, device=device, precision=precision,
         num_classes=data.info.num_classes, k=config.knn_k, temperature=config.knn_temperature, reduce=reduce,
     )  # fmt: skip
+
+
+def epoch_context(
+    data: DataBundle, *, device: torch.device, precision: Precision, optimizer: torch.optim.Optimizer, layout
+) -> EpochContext:
+    """What ``Method.before_epoch`` may look at: the in-memory training images, their labels, the optimizer."""
+    train = data.train_loader.dataset  # InMemoryBatches: pretraining runs on the whole-batch path
+    broadcast = layout.broadcast if layout.enabled else (lambda tensor: tensor)
+    return EpochContext(train.images, train.labels.to(device), data.info.mean, data.info.std, device, precision,
+                        optimizer, broadcast)  # fmt: skip

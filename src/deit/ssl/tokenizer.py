@@ -8,8 +8,7 @@ training images. A patch's token is its nearest centroid.
 
 The patches are those the ViT sees: normalised pixels (the data set's mean and
 std), one patch of the ViT's patch size per token, flattened. The codebook is
-fitted by k-means++ seeding, then Lloyd iterations. An empty cluster is
-re-seeded with the patch farthest from its centroid. The codebook and its
+fitted by k-means (``ssl.kmeans``). The codebook and its
 description are stored as one safetensors file. A pretraining run keeps the
 codebook as a buffer in its checkpoint and its path in its config.
 """
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deit.errors import DeitError
+from deit.ssl.kmeans import kmeans, nearest
 
 log = logging.getLogger("deit")
 
@@ -109,44 +109,6 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.transpose(1, 2)
 
 
-def nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """Index of each point's nearest centroid (squared Euclidean distance), in chunks."""
-    squared = centroids.square().sum(dim=1)
-    return torch.cat([
-        (squared - 2 * points[start : start + chunk] @ centroids.T).argmin(dim=1)
-        for start in range(0, len(points), chunk)
-    ])  # fmt: skip
-
-
-def kmeans(points: torch.Tensor, k: int, *, iterations: int = 25, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """Centroids (k, D) of ``points`` (N, D) by k-means++ seeding and Lloyd iterations, and the final inertia."""
-    if len(points) < k:
-        raise TokenizerError(f"{len(points)} patches cannot make a codebook of {k}: use fewer tokens or more images")
-    generator = torch.Generator().manual_seed(seed)
-    centroids = _kmeans_plus_plus(points, k, generator)
-    for _ in range(iterations):
-        assigned = nearest(points, centroids)
-        sums = torch.zeros_like(centroids).index_add_(0, assigned, points)
-        counts = torch.bincount(assigned, minlength=k)
-        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
-        empty = (counts == 0).nonzero().flatten()
-        if len(empty):  # re-seed each with a point far from its centroid: the worst-served patches
-            distance = (points - centroids[assigned]).square().sum(dim=1)
-            centroids[empty] = points[distance.topk(len(empty)).indices]
-    inertia = (points - centroids[nearest(points, centroids)]).square().sum(dim=1).mean().item()
-    return centroids, inertia
-
-
-def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    chosen = [int(torch.randint(len(points), (1,), generator=generator))]
-    distance = (points - points[chosen[0]]).square().sum(dim=1)
-    for _ in range(k - 1):
-        index = int(torch.multinomial(distance.clamp_min(0) + 1e-12, 1, generator=generator))
-        chosen.append(index)
-        distance = torch.minimum(distance, (points - points[index]).square().sum(dim=1))
-    return points[chosen].clone()
-
-
 def train_tokenizer(
     images: torch.Tensor,
     *,
@@ -162,7 +124,9 @@ def train_tokenizer(
     generator = torch.Generator().manual_seed(seed)
     if len(patches) > samples:
         patches = patches[torch.randperm(len(patches), generator=generator)[:samples]]
-    centroids, inertia = kmeans(patches, codebook_size, iterations=iterations, seed=seed)
+    if len(patches) < codebook_size:
+        raise TokenizerError(f"{len(patches)} patches cannot make a codebook of {codebook_size}: use fewer tokens")
+    centroids, _, inertia = kmeans(patches, codebook_size, iterations=iterations, seed=seed)
     info = TokenizerInfo(patch_size, images.shape[1], dataset, images.shape[-1], len(patches), inertia)
     log.info("tokenizer: %d tokens fitted to %d patches of %d px, mean squared distance %.4f",
              codebook_size, len(patches), patch_size, inertia)  # fmt: skip

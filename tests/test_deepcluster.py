@@ -1,0 +1,70 @@
+"""DeepCluster: NMI, PCA whitening, a run whose clusters are logged, and an exact resume in the middle of an epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import needs_fashion_mnist
+from deit.ssl.deepcluster import nmi, pca_whiten
+
+
+def test_nmi_is_one_for_the_same_partition_under_other_names_and_near_zero_for_independent_ones():
+    a = torch.arange(1000) % 10
+    assert nmi(a, a) == pytest.approx(1.0)
+    assert nmi(a, (a * 7 + 3) % 10) == pytest.approx(1.0)  # cluster names do not matter
+    independent = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0))
+    assert nmi(a, independent) < 0.05
+    assert nmi(a, a // 2) == pytest.approx(math.log(5) / math.sqrt(math.log(10) * math.log(5)), abs=1e-6)
+
+
+def test_pca_whitening_leaves_uncorrelated_unit_variance_axes():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2000, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
+    white = pca_whiten(features, 4)
+    assert white.shape == (2000, 4)
+    assert torch.allclose(torch.cov(white.T), torch.eye(4), atol=1e-3)
+
+
+def config(out, **overrides):
+    from test_ssl import pretrain_config
+
+    values = {"data.train_subset": 512, "pretrain.clusters": 20, "pretrain.pca_dim": 16, "optim.epochs": 2,
+              "run.eval_interval": 2, **overrides}  # fmt: skip
+    return pretrain_config(out, "deepcluster", **values)
+
+
+@needs_fashion_mnist
+def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(tmp_path, monkeypatch):
+    import deit.training
+    from deit.checkpoint import load_checkpoint
+    from deit.interrupts import StopRequest
+    from deit.training import RunInterrupted, fit
+
+    whole = fit(config(tmp_path / "whole"))
+    history = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    first, second = history[0]["clusters"], history[1]["clusters"]
+    assert 0.1 < first["nmi_labels"] <= 1 and first["nmi_previous"] is None  # even random features group classes
+    assert 0 < second["nmi_previous"] <= 1 and first["largest"] < 512 and first["empty"] == 0
+    steps = [json.loads(line) for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 16 and steps[7]["loss"] < steps[0]["loss"]  # the head learns the epoch's clusters
+
+    stop, real_step = StopRequest(), deit.training.RunLogs.step
+
+    def stop_after_step_10(self, record):  # 8 steps an epoch: inside the second epoch
+        real_step(self, record)
+        if record["step"] == 10:
+            stop.request(15)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(deit.training.RunLogs, "step", stop_after_step_10)
+        with pytest.raises(RunInterrupted):
+            fit(config(tmp_path / "cut"), stop=stop)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+    assert saved["epoch"] == 1 and saved["epoch_step"] > 0 and int(saved["model"]["clustered_for"]) == 1
+    resumed = fit(config(tmp_path / "cut", **{"run.resume": "auto"}))
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
