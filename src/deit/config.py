@@ -96,11 +96,14 @@ class DistillConfig:
     pseudo_labels: str | None = None  # a `deit pseudo-label` file: stored predictions replace the online teacher
 
 
+PRETRAIN_METHODS = ("simclr", "moco", "mocov3", "byol", "beit", "deepcluster", "cpc")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Self-supervised pretraining (``deit pretrain``): labels are only used to monitor, by kNN."""
 
-    method: str | None = None  # simclr | moco (v2) | mocov3 | byol | beit | deepcluster; None: train on the labels
+    method: str | None = None  # simclr, moco (v2), mocov3, byol, beit, deepcluster, cpc; None: train on the labels
     dim: int = 128  # size of the projected embeddings the objective compares
     hidden_dim: int = 512  # width of the projector's and predictor's hidden layers
     projector_layers: int = 2  # SimCLR's projector depth: 2 as in SimCLR, 3 as in SimCLRv2
@@ -111,6 +114,8 @@ class PretrainConfig:
     mask_ratio: float = 0.4  # BEiT: share of each image's patches masked, in blocks
     clusters: int = 100  # DeepCluster: k of its k-means, more than the classes
     pca_dim: int = 64  # DeepCluster: features are whitened down to this many dimensions before k-means
+    cpc_patch: int | None = None  # CPC: side of its overlapping patches (stride half of it); None: half the image
+    cpc_steps: int = 2  # CPC: how many rows below the context predicts
     knn_k: int = 20  # the kNN monitor's neighbours (cosine similarity, temperature-weighted votes)
     knn_temperature: float = 0.07
 
@@ -190,7 +195,9 @@ ALLOWED: dict[str, Allowed] = {
     "data.num_workers": NON_NEGATIVE,
     "data.bad_files": Allowed(choices=("error", "skip")),
     "data.decode_budget_gb": NON_NEGATIVE,
-    "pretrain.method": Allowed(choices=("simclr", "moco", "mocov3", "byol", "beit", "deepcluster")),
+    "pretrain.method": Allowed(choices=PRETRAIN_METHODS),
+    "pretrain.cpc_patch": Allowed(2),
+    "pretrain.cpc_steps": AT_LEAST_ONE,
     "pretrain.clusters": Allowed(2),
     "pretrain.pca_dim": AT_LEAST_ONE,
     "pretrain.mask_ratio": Allowed(0, 1, low_open=True, high_open=True),

@@ -230,9 +230,10 @@ def _self_supervised(
         )
     total_steps = config.optim.epochs * (len(data.train_loader) // config.optim.accum_steps)
     method = build_method(Backbone(model), config.pretrain, total_steps, layout=layout,
-                          num_images=len(data.train_loader.dataset), seed=config.run.seed)  # fmt: skip
+                          num_images=len(data.train_loader.dataset), image_size=data.input_size,
+                          seed=config.run.seed)  # fmt: skip
     method = method.to(next(model.parameters()).device)
-    if method.step_input != "two views":  # BEiT, DeepCluster: one view of each image, a crop and a flip
+    if method.step_input != "two views":  # BEiT, DeepCluster, CPC: one view of each image, a crop and a flip
         views = OneView(data.info.mean, data.info.std, scale=(0.4, 1.0), hflip=config.augment.hflip)
     else:
         views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)

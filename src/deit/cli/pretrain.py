@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from deit.cli.train import add_config_arguments, train_config_from_args
+from deit.config import PRETRAIN_METHODS as METHODS
 from deit.config import with_overrides
 from deit.data import canonical_dataset_name
 
@@ -18,13 +19,13 @@ log = logging.getLogger("deit")
 def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pretrain",
-        help="self-supervised pretraining of a backbone: SimCLR, MoCo v2 / v3, BYOL, BEiT, DeepCluster",
+        help="self-supervised pretraining of a backbone: " + ", ".join(METHODS),
         description="Pretrain a backbone without labels (they only score it: a kNN classifier on its features after "
         "every epoch). Takes deit train's flags: --model, --data-set, --data-path, --epochs, --batch-size, "
         "--output-dir, --resume, --config ... Then score it with `deit linear-probe` and start a classifier from "
         "it with `deit train --init`.",
     )
-    parser.add_argument("--method", required=True, choices=("simclr", "moco", "mocov3", "byol", "beit", "deepcluster"))
+    parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--tokenizer", help="BEiT: the visual tokenizer `deit tokenizer` wrote [pretrain.tokenizer]")
     add_config_arguments(parser)
     parser.set_defaults(handler=run_pretrain)

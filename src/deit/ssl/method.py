@@ -56,7 +56,8 @@ class Method(nn.Module):
     """
 
     backbone: Backbone
-    step_input = "two views"  # or "view and mask" (BEiT), "view and index" (DeepCluster): see pretrain.objective
+    # or "one view" (CPC), "view and mask" (BEiT), "view and index" (DeepCluster): see pretrain.objective
+    step_input = "two views"
 
     def losses(self, views: torch.Tensor, *masks: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

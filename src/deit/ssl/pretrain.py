@@ -29,6 +29,7 @@ from deit.engine import Precision, StepParts
 from deit.ssl.backbone import Backbone
 from deit.ssl.beit import BEiT
 from deit.ssl.byol import BYOL
+from deit.ssl.cpc import CPC
 from deit.ssl.deepcluster import ClusterSettings, DeepCluster
 from deit.ssl.knn import knn_predict
 from deit.ssl.masking import BlockMasks
@@ -47,6 +48,7 @@ def build_method(
     *,
     layout: Distributed | None = None,
     num_images: int = 0,
+    image_size: int = 0,
     seed: int = 0,
 ) -> Method:
     heads = {"dim": config.dim, "hidden_dim": config.hidden_dim}
@@ -65,6 +67,8 @@ def build_method(
     if config.method == "deepcluster":
         settings = ClusterSettings(clusters=config.clusters, pca_dim=config.pca_dim, seed=seed)
         return DeepCluster(backbone, num_images=num_images, settings=settings)
+    if config.method == "cpc":
+        return CPC(backbone, image_size=image_size, patch=config.cpc_patch, steps=config.cpc_steps)
     if config.method == "byol":
         return BYOL(backbone, total_steps=total_steps, **heads, momentum=config.momentum)
     raise ValueError(f"unknown self-supervised method {config.method!r}")
@@ -96,7 +100,7 @@ def objective(method: Method) -> Callable[[StepParts, Batch], dict[str, torch.Te
         return functools.partial(masked_image_losses, BlockMasks(vit.patch_embed.grid_size, ratio=method.mask_ratio))
     if method.step_input == "view and index":
         return indexed_view_losses
-    return view_losses
+    return view_losses  # two views (SimCLR, MoCo, BYOL) or one (CPC), stacked in the batch's images
 
 
 @torch.no_grad()
