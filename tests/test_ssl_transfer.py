@@ -15,7 +15,7 @@ from deit.errors import ModelError
 from deit.models import create_model
 from deit.ssl.backbone import Backbone
 from deit.ssl.knn import knn_predict
-from deit.ssl.pretrain import build_method
+from deit.ssl.pretrain import MethodSetup, build_method
 from deit.ssl.probe import Features, fit_logistic, score
 from deit.ssl.transfer import head_keys, init_from_pretrained, load_backbone
 
@@ -26,7 +26,8 @@ def save_pretrained(path, name: str = "deit_pico_patch7_28", method: str = "simc
     """A pretraining checkpoint of ``method`` around ``name``, with non-default weights; returns the method."""
     torch.manual_seed(1)
     spec = ModelSpec(name, 10, 1, 28)
-    module = build_method(Backbone(spec.build()), PretrainConfig(method=method, dim=16, hidden_dim=32), 10)
+    config = PretrainConfig(method=method, dim=16, hidden_dim=32)
+    module = build_method(Backbone(spec.build()), config, MethodSetup(total_steps=10))
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.add_(torch.randn_like(parameter))  # so that "loaded" and "fresh" cannot agree by chance

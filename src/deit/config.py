@@ -96,20 +96,20 @@ class DistillConfig:
     pseudo_labels: str | None = None  # a `deit pseudo-label` file: stored predictions replace the online teacher
 
 
-PRETRAIN_METHODS = ("simclr", "moco", "mocov3", "byol", "beit", "deepcluster", "cpc")
+PRETRAIN_METHODS = ("simclr", "moco", "mocov3", "byol", "beit", "deepcluster", "cpc", "cmc")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """Self-supervised pretraining (``deit pretrain``): labels are only used to monitor, by kNN."""
 
-    method: str | None = None  # simclr, moco (v2), mocov3, byol, beit, deepcluster, cpc; None: train on the labels
+    method: str | None = None  # one of PRETRAIN_METHODS; None: train on the labels
     dim: int = 128  # size of the projected embeddings the objective compares
     hidden_dim: int = 512  # width of the projector's and predictor's hidden layers
     projector_layers: int = 2  # SimCLR's projector depth: 2 as in SimCLR, 3 as in SimCLRv2
-    temperature: float | None = None  # of the contrastive losses; None: the method's (SimCLR 0.5, MoCo 0.2)
+    temperature: float | None = None  # of the contrastive losses; None: the method's (SimCLR 0.5, MoCo 0.2, CMC 0.07)
     momentum: float = 0.99  # MoCo's and BYOL's target momentum at the start; it rises to 1 on a cosine
-    queue_size: int = 4096  # MoCo v2's negatives
+    queue_size: int = 4096  # MoCo v2's negatives, and CMC's (one queue per view)
     tokenizer: str | None = None  # BEiT: the visual tokenizer file `deit tokenizer` wrote
     mask_ratio: float = 0.4  # BEiT: share of each image's patches masked, in blocks
     clusters: int = 100  # DeepCluster: k of its k-means, more than the classes

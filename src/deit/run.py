@@ -31,7 +31,7 @@ from deit.pseudo_labels import PseudoLabels, PseudoLabelTeacher
 from deit.rng import seed_everything
 from deit.ssl.backbone import Backbone
 from deit.ssl.method import Method
-from deit.ssl.pretrain import build_method, objective
+from deit.ssl.pretrain import MethodSetup, build_method, objective
 from deit.ssl.transfer import init_from_pretrained
 from deit.ssl.views import OneView, TwoViews
 from deit.teacher_cache import TeacherCache
@@ -218,7 +218,7 @@ def _build_student(spec: ModelSpec, config: ModelConfig) -> nn.Module:
 
 
 def _self_supervised(
-    model: nn.Module, config: TrainConfig, data: DataBundle, layout: Distributed
+    model: nn.Module, spec: ModelSpec, config: TrainConfig, data: DataBundle, layout: Distributed
 ) -> tuple[Method, DataBundle]:
     """The method around ``model`` (now its backbone), trained on two views of every image (``deit.ssl``)."""
     if config.distill.type != "none" or config.augment.mixup > 0 or config.augment.cutmix > 0:
@@ -229,11 +229,13 @@ def _self_supervised(
             "an image folder of small images that fits --decode-budget-gb"
         )
     total_steps = config.optim.epochs * (len(data.train_loader) // config.optim.accum_steps)
-    method = build_method(Backbone(model), config.pretrain, total_steps, layout=layout,
-                          num_images=len(data.train_loader.dataset), image_size=data.input_size,
-                          seed=config.run.seed)  # fmt: skip
-    method = method.to(next(model.parameters()).device)
-    if method.step_input != "two views":  # BEiT, DeepCluster, CPC: one view of each image, a crop and a flip
+    setup = MethodSetup(
+        total_steps, num_images=len(data.train_loader.dataset), image_size=data.input_size, mean=data.info.mean,
+        std=data.info.std, seed=config.run.seed, layout=layout,
+        build_encoder=lambda in_chans: dataclasses.replace(spec, in_chans=in_chans).build(),
+    )  # fmt: skip
+    method = build_method(Backbone(model), config.pretrain, setup).to(next(model.parameters()).device)
+    if method.step_input != "two views":  # BEiT, DeepCluster, CPC, CMC: one view of each image, a crop and a flip
         views = OneView(data.info.mean, data.info.std, scale=(0.4, 1.0), hflip=config.augment.hflip)
     else:
         views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)
@@ -319,7 +321,7 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     spec = model_spec(config.model, data.info, data.input_size)
     model = _build_student(spec, config.model).to(device)
     if config.pretrain.method:
-        model, data = _self_supervised(model, config, data, layout)
+        model, data = _self_supervised(model, spec, config, data, layout)
     teacher = _build_teacher(config, data)
     if isinstance(teacher, Teacher):  # a network (stored pseudo-labels need none of this)
         if config.distill.teacher_channels_last:

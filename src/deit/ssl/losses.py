@@ -1,4 +1,4 @@
-"""The self-supervised objectives, as functions of embeddings: NT-Xent, InfoNCE with a queue, BYOL's.
+"""The self-supervised objectives, as functions of embeddings: NT-Xent, InfoNCE with a queue, CMC's, BYOL's.
 
 Every function takes float embeddings of shape (N, D), normalises them
 itself where the method does, and computes in fp32 whatever autocast the
@@ -43,6 +43,22 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor | No
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
     logits = q @ k.T / temperature  # (N, N): the diagonal holds the positives
     return 2 * temperature * F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+
+
+def cross_view_info_nce(
+    anchors: torch.Tensor, others: torch.Tensor, queue: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """CMC's loss: each anchor (view 1) against its own image's embedding in view 2, among the others.
+
+    The candidates are every image of the batch in view 2 (the diagonal holds
+    the positives) and, with a ``queue``, earlier view-2 embeddings. Both views
+    carry gradients: each has its own encoder, and both learn.
+    """
+    a, b = F.normalize(anchors.float(), dim=1), F.normalize(others.float(), dim=1)
+    logits = a @ b.T
+    if queue is not None:
+        logits = torch.cat([logits, a @ F.normalize(queue.float(), dim=1).T], dim=1)
+    return F.cross_entropy(logits / temperature, torch.arange(len(a), device=a.device))
 
 
 def byol_loss(online_prediction: torch.Tensor, target_projection: torch.Tensor) -> torch.Tensor:

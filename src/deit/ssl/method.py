@@ -56,7 +56,7 @@ class Method(nn.Module):
     """
 
     backbone: Backbone
-    # or "one view" (CPC), "view and mask" (BEiT), "view and index" (DeepCluster): see pretrain.objective
+    # or "one view" (CPC, CMC), "view and mask" (BEiT), "view and index" (DeepCluster): see pretrain.objective
     step_input = "two views"
 
     def losses(self, views: torch.Tensor, *masks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -65,6 +65,11 @@ class Method(nn.Module):
     def forward(self, views: torch.Tensor, *masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """The losses: the training step calls the method (or its DistributedDataParallel wrapper) on the batch."""
         return self.losses(views, *masks)
+
+    @property
+    def representation(self) -> nn.Module:
+        """What the kNN monitor scores: the backbone's features; CMC's two encoders, concatenated."""
+        return self.backbone
 
     def before_epoch(self, epoch: int, context: EpochContext) -> dict[str, Any]:
         """Nothing to do by default; DeepCluster clusters here."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from deit.engine import Precision, StepParts
 from deit.ssl.backbone import Backbone
 from deit.ssl.beit import BEiT
 from deit.ssl.byol import BYOL
+from deit.ssl.cmc import CMC, SECOND_VIEW_CHANNELS
 from deit.ssl.cpc import CPC
 from deit.ssl.deepcluster import ClusterSettings, DeepCluster
 from deit.ssl.knn import knn_predict
@@ -41,36 +43,46 @@ from deit.ssl.tokenizer import PatchTokenizer, TokenizerError
 DEFAULT_TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "mocov3": 0.2}
 
 
-def build_method(
-    backbone: Backbone,
-    config: PretrainConfig,
-    total_steps: int,
-    *,
-    layout: Distributed | None = None,
-    num_images: int = 0,
-    image_size: int = 0,
-    seed: int = 0,
-) -> Method:
+@dataclass(frozen=True)
+class MethodSetup:
+    """What a method may need to know of its run besides its config: the schedule, the data, the processes."""
+
+    total_steps: int  # optimizer steps of the run: the momentum schedules' length
+    num_images: int = 0  # training images: DeepCluster keeps a cluster for each
+    image_size: int = 0  # CPC cuts its grid of patches from it
+    mean: tuple[float, ...] = (0.5,)  # the data's normalisation: CMC converts colour images to Lab
+    std: tuple[float, ...] = (0.5,)
+    seed: int = 0
+    layout: Distributed = field(default_factory=Distributed)  # MoCo and CMC queue every process's embeddings
+    build_encoder: Callable[[int], nn.Module] | None = None  # CMC: the same architecture for C input channels
+
+
+def build_method(backbone: Backbone, config: PretrainConfig, setup: MethodSetup) -> Method:
     heads = {"dim": config.dim, "hidden_dim": config.hidden_dim}
     temperature = config.temperature or DEFAULT_TEMPERATURE.get(config.method or "", 0.5)
     if config.method == "simclr":
         return SimCLR(backbone, **heads, layers=config.projector_layers, temperature=temperature)
     if config.method in ("moco", "mocov3"):
         version = 3 if config.method == "mocov3" else 2
-        concat = layout.concat if layout is not None else None
-        return MoCo(backbone, version=version, total_steps=total_steps, **heads, queue_size=config.queue_size,
-                    temperature=temperature, momentum=config.momentum, concat=concat)  # fmt: skip
+        return MoCo(backbone, version=version, total_steps=setup.total_steps, **heads, queue_size=config.queue_size,
+                    temperature=temperature, momentum=config.momentum, concat=setup.layout.concat)  # fmt: skip
+    if config.method == "byol":
+        return BYOL(backbone, total_steps=setup.total_steps, **heads, momentum=config.momentum)
     if config.method == "beit":
         if config.tokenizer is None:
             raise TokenizerError("BEiT predicts visual tokens: give --tokenizer FILE, made by `deit tokenizer`")
         return BEiT(backbone, PatchTokenizer.load(config.tokenizer), mask_ratio=config.mask_ratio)
     if config.method == "deepcluster":
-        settings = ClusterSettings(clusters=config.clusters, pca_dim=config.pca_dim, seed=seed)
-        return DeepCluster(backbone, num_images=num_images, settings=settings)
+        settings = ClusterSettings(clusters=config.clusters, pca_dim=config.pca_dim, seed=setup.seed)
+        return DeepCluster(backbone, num_images=setup.num_images, settings=settings)
     if config.method == "cpc":
-        return CPC(backbone, image_size=image_size, patch=config.cpc_patch, steps=config.cpc_steps)
-    if config.method == "byol":
-        return BYOL(backbone, total_steps=total_steps, **heads, momentum=config.momentum)
+        return CPC(backbone, image_size=setup.image_size, patch=config.cpc_patch, steps=config.cpc_steps)
+    if config.method == "cmc":
+        if setup.build_encoder is None:
+            raise ValueError("CMC needs build_encoder, to make the second view's encoder")
+        second = Backbone(setup.build_encoder(SECOND_VIEW_CHANNELS))
+        return CMC(backbone, second, mean=setup.mean, std=setup.std, dim=config.dim, queue_size=config.queue_size,
+                   temperature=config.temperature or 0.07, concat=setup.layout.concat)  # fmt: skip
     raise ValueError(f"unknown self-supervised method {config.method!r}")
 
 
@@ -151,13 +163,13 @@ def knn_accuracy(
 def knn_monitor(
     method: Method, data: DataBundle, config: PretrainConfig, *, device: torch.device, precision: Precision, reduce
 ) -> dict[str, float]:
-    """The kNN top-1 of the method's backbone, its memory bank the in-memory training images, unaugmented."""
+    """The kNN top-1 of the method's representation, its memory bank the in-memory training images, unaugmented."""
     train = data.train_loader.dataset  # InMemoryBatches: pretraining runs on the whole-batch path
     mean = torch.tensor(data.info.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.info.std).view(1, -1, 1, 1)
     bank = (train.images.float() / 255 - mean) / std
     return knn_accuracy(
-        method.backbone, bank, train.labels, data.val_loader, device=device, precision=precision,
+        method.representation, bank, train.labels, data.val_loader, device=device, precision=precision,
         num_classes=data.info.num_classes, k=config.knn_k, temperature=config.knn_temperature, reduce=reduce,
     )  # fmt: skip
 

@@ -23,11 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deit.checkpoint import Checkpoint
 from deit.data import build_probe_data
 from deit.engine import Precision
 from deit.rng import seed_everything
-from deit.ssl.backbone import Backbone
 from deit.ssl.knn import knn_predict
 from deit.ssl.transfer import describe, load_backbone
 
@@ -147,7 +145,7 @@ def probe_checkpoint(
     log.info("linear probe of %s on %s: %d labelled training images, %d validation images",
              describe(checkpoint), info.name, len(train_loader.dataset), len(val_loader.dataset))  # fmt: skip
     seed_everything(seed)
-    random_init = load_backbone_at_random(checkpoint)
+    random_init, _ = load_backbone(path, random_init=True)
     encoders: list[tuple[str, Encoder]] = [(f"{checkpoint.model_spec.name} ({path})", backbone)]
     if baselines:
         encoders += [(f"{checkpoint.model_spec.name}, random init", random_init), ("raw pixels", nn.Flatten())]
@@ -161,11 +159,6 @@ def probe_checkpoint(
         scores.append(score(name, Features(*train, *val), info.num_classes))
         log.info("%s: linear %.2f%%, kNN %.2f%%", name, scores[-1].linear_acc1, scores[-1].knn_acc1)
     return scores
-
-
-def load_backbone_at_random(checkpoint: Checkpoint) -> Backbone:
-    """The checkpoint's architecture at its initialisation: what the probe's first baseline measures."""
-    return Backbone(checkpoint.model_spec.build())
 
 
 def format_scores(scores: list[ProbeScore]) -> str:

@@ -15,22 +15,25 @@ is adapted as in fine-tuning (``models.pos_embed``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import torch
 from torch import nn
 
-from deit.checkpoint import Checkpoint
+from deit.checkpoint import Checkpoint, ModelSpec
 from deit.errors import ModelError
 from deit.models import VisionTransformer
 from deit.models.cnn import SmallResNet
 from deit.models.pos_embed import adapt_state_dict
 from deit.ssl.backbone import Backbone
+from deit.ssl.cmc import SECOND_VIEW_CHANNELS, TwoEncoders, ViewSplit
 
 log = logging.getLogger("deit")
 
 _METHOD_PREFIX = "backbone.model."  # where a pretraining run's Method keeps the network it pretrains
+_SECOND_PREFIX = "second.model."  # CMC's encoder of the second view
 
 
 def pretraining_method(checkpoint: Checkpoint) -> str | None:
@@ -64,18 +67,38 @@ def head_keys(model: nn.Module) -> set[str]:
     return {key for key, tensor in model.state_dict(keep_vars=True).items() if id(tensor) in owned}
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[Backbone, Checkpoint]:
-    """The backbone in a ``deit pretrain`` or ``deit train`` checkpoint, as a feature extractor, and the checkpoint."""
+def load_backbone(path: str | os.PathLike, *, random_init: bool = False) -> tuple[nn.Module, Checkpoint]:
+    """The representation in a ``deit pretrain`` or ``deit train`` checkpoint, as a feature extractor.
+
+    That is the backbone, or for CMC its two encoders with their features
+    concatenated. With ``random_init``, the same architecture at its
+    initialisation: the linear probe's first baseline.
+    """
     checkpoint = Checkpoint.load(path)
-    model = checkpoint.model_spec.build()
-    missing, unexpected = model.load_state_dict(backbone_weights(checkpoint), strict=False)
+    weights = None if random_init else backbone_weights(checkpoint)
+    backbone = Backbone(_network(checkpoint.model_spec, weights, path))
+    if pretraining_method(checkpoint) != "cmc":
+        return backbone, checkpoint
+    spec = dataclasses.replace(checkpoint.model_spec, in_chans=SECOND_VIEW_CHANNELS)
+    if weights is not None:
+        weights = {key.removeprefix(_SECOND_PREFIX): value for key, value in checkpoint.model.items()
+                   if key.startswith(_SECOND_PREFIX)}  # fmt: skip
+    second = Backbone(_network(spec, weights, path))
+    return TwoEncoders(backbone, second, ViewSplit(checkpoint.data.mean, checkpoint.data.std)), checkpoint
+
+
+def _network(spec: ModelSpec, weights: dict[str, torch.Tensor] | None, path: str | os.PathLike) -> nn.Module:
+    """``spec``'s network with ``weights`` (every weight but the heads), or at its initialisation without."""
+    model = spec.build()
+    if weights is None:
+        return model
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = sorted(set(missing) - head_keys(model))
     if missing or unexpected:
         raise ModelError(
-            f"{path} does not hold a whole {checkpoint.model_spec.name}: missing {missing[:6]}, "
-            f"unexpected {list(unexpected)[:6]}"
+            f"{path} does not hold a whole {spec.name}: missing {missing[:6]}, unexpected {list(unexpected)[:6]}"
         )
-    return Backbone(model), checkpoint
+    return model
 
 
 def init_from_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
