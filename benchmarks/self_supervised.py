@@ -1,21 +1,25 @@
 """Self-supervised pretraining on Fashion-MNIST: what each method's features are worth, and what they give few labels.
 
-Part 1, the representation. Each method (SimCLR, MoCo v2, MoCo v3, BYOL)
-pretrains the same backbone (``fashion_mnist_pretrain``: a small-image
-ResNet-8) on the 60,000 training images without their labels. Then
-``deit linear-probe`` scores its frozen features: a logistic regression and a
+Part 1, the representation. Each method pretrains on the 60,000 training
+images without their labels. SimCLR, MoCo v2 and v3, BYOL, DeepCluster, CPC
+and CMC pretrain the same CNN (``fashion_mnist_pretrain``: a small-image
+ResNet-8). BEiT pretrains the student's ViT (``deit_nano_patch7_28``), with a
+256-token codebook of 7 px patches fitted once (``deit tokenizer``). Then
+``deit linear-probe`` scores the frozen features: a logistic regression and a
 kNN classifier, beside the same network at random init and the raw pixels.
 
 Part 2, few labels (the label-efficiency table's question), for each label
 fraction and seed:
 
-* supervised          the DeiT student on the labelled images only
-* pretrain + fine-tune the pretrained backbone (``--simclrv2-method``) fine-tuned on the
-                      labelled images (``deit train --init``)
-* SimCLRv2            that fine-tuned network distils into the DeiT student on all images,
-                      labelled or not (``--label-fraction``, ``--distillation-type hard``)
+* supervised            the DeiT student on the labelled images only
+* the same for BEiT's total epochs (its pretraining's plus the student's): the fair
+                        comparison for BEiT + fine-tune
+* BEiT + fine-tune      the student started from BEiT (``deit train --init``)
+* pretrain + fine-tune  the ``--simclrv2-method`` CNN fine-tuned on the labelled images
+* SimCLRv2              that fine-tuned CNN distils into the DeiT student on all images,
+                        labelled or not (``--label-fraction``, ``--distillation-type hard``)
 
-and, as the mark to reach, the supervised student on 100 % of the labels at the same budget.
+and, as the mark to reach, the same at 100 % of the labels.
 
     python benchmarks/self_supervised.py                        # the committed table
     python benchmarks/self_supervised.py --methods simclr --pretrain-epochs 1 --student-epochs 1 \\
@@ -37,16 +41,26 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from distillation_table import commit, mean_std, train_or_read
 
-from deit.config import load_config, with_overrides
+from deit.config import PRETRAIN_METHODS, load_config, with_overrides
+from deit.data import build_probe_data
 from deit.ssl.probe import probe_checkpoint
+from deit.ssl.tokenizer import PatchTokenizer, train_tokenizer
 
 PRETRAIN_PRESET = "fashion_mnist_pretrain"
 FINETUNE_PRESET = "fashion_mnist_teacher_strong"  # its recipe (schedule, RE, smoothing) for the pretrained CNN
 STUDENT_PRESET = "fashion_mnist"
-METHODS = ("simclr", "moco", "mocov3", "byol")
-FEW_LABEL_COLUMNS = ("supervised", "pretrain + fine-tune", "SimCLRv2: pretrain + fine-tune + distil")
+METHODS = PRETRAIN_METHODS
+BEIT_MODEL = "deit_nano_patch7_28"  # the student's architecture, without the distillation token: --init fills it
+FEW_LABEL_COLUMNS = (
+    "supervised",
+    "supervised, BEiT's total epochs",
+    "BEiT + fine-tune",
+    "pretrain + fine-tune (CNN)",
+    "SimCLRv2: pretrain + fine-tune + distil",
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -65,10 +79,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def tokenizer(args: argparse.Namespace) -> Path:
+    """BEiT's visual tokenizer for 7 px patches of Fashion-MNIST, fitted once (``deit tokenizer``)."""
+    path = Path(args.work_dir) / "tokenizer-p7-256.safetensors"
+    if not path.is_file():
+        loader, _, info = build_probe_data("fashion-mnist", None, batch_size=1024)
+        images = torch.cat([batch for batch, _ in loader])
+        train_tokenizer(images, patch_size=7, codebook_size=256, dataset=info.name).save(path)
+    PatchTokenizer.load(path)  # a damaged file fails here, before the run
+    return path
+
+
 def pretrain(args: argparse.Namespace, method: str, seed: int) -> tuple[dict, Path]:
     folder = Path(args.work_dir) / "pretrain" / method / f"seed{seed}"
     overrides = {"pretrain.method": method, "run.seed": seed, "run.output_dir": str(folder), "run.resume": "auto",
                  "run.progress": not args.no_progress}  # fmt: skip
+    if method == "beit":
+        overrides.update({"model.name": BEIT_MODEL, "pretrain.tokenizer": str(tokenizer(args))})
     if args.pretrain_epochs:
         overrides["optim.epochs"] = args.pretrain_epochs
     return train_or_read(with_overrides(load_config(PRETRAIN_PRESET), overrides), folder), folder / "checkpoint.pth"
@@ -84,8 +111,8 @@ def probe(checkpoint: Path, seed: int) -> list[dict]:
     return scores
 
 
-def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained: Path | None) -> dict[str, dict]:
-    """The three columns of part 2 at one label fraction and seed (only the supervised one at 100 %)."""
+def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained: dict[str, Path]) -> dict[str, dict]:
+    """Part 2's columns at one label fraction and seed; ``pretrained`` holds the checkpoints there are."""
     work = Path(args.work_dir) / f"labels{fraction:g}" / f"seed{seed}"
     common = {"data.label_fraction": fraction if fraction < 1 else None, "data.unlabeled_ratio": args.unlabeled_ratio,
               "run.seed": seed, "run.resume": "auto", "run.progress": not args.no_progress}  # fmt: skip
@@ -95,12 +122,22 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained:
         return train_or_read(with_overrides(load_config(preset), values), work / folder)
 
     results = {"supervised": run(STUDENT_PRESET, "supervised", **{"optim.epochs": args.student_epochs})}
-    if fraction >= 1 or pretrained is None:
+    if "beit" in pretrained:  # BEiT is judged by fine-tuning the student, against its total epochs from scratch
+        epochs = args.pretrain_epochs or load_config(PRETRAIN_PRESET).optim.epochs
+        results["supervised, BEiT's total epochs"] = run(
+            STUDENT_PRESET, "supervised_long", **{"optim.epochs": args.student_epochs + epochs}
+        )
+        results["BEiT + fine-tune"] = run(
+            STUDENT_PRESET, "beit_finetune",
+            **{"optim.epochs": args.student_epochs, "model.init": str(pretrained["beit"])},
+        )  # fmt: skip
+    cnn = pretrained.get(args.simclrv2_method)
+    if fraction >= 1 or cnn is None:
         return results
     backbone = load_config(PRETRAIN_PRESET).model.name
-    results["pretrain + fine-tune"] = run(
+    results["pretrain + fine-tune (CNN)"] = run(
         FINETUNE_PRESET, "finetune",
-        **{"model.name": backbone, "model.init": str(pretrained), "optim.epochs": args.finetune_epochs},
+        **{"model.name": backbone, "model.init": str(cnn), "optim.epochs": args.finetune_epochs},
     )  # fmt: skip
     results["SimCLRv2: pretrain + fine-tune + distil"] = run(
         STUDENT_PRESET, "simclrv2",
@@ -122,10 +159,12 @@ def main(argv: list[str]) -> int:
             pretrained.setdefault(method, []).append((summary, probe(checkpoint, seed)))
     few: dict[float, dict[str, list[dict]]] = {}
     for seed in range(args.seeds if args.fractions else 0):
-        checkpoint = Path(args.work_dir) / "pretrain" / args.simclrv2_method / f"seed{seed}" / "checkpoint.pth"
+        checkpoints = {method: Path(args.work_dir) / "pretrain" / method / f"seed{seed}" / "checkpoint.pth"
+                       for method in (args.simclrv2_method, "beit")}  # fmt: skip
+        found = {method: path for method, path in checkpoints.items() if path.is_file()}
         for fraction in [*args.fractions, 1.0]:
             logging.info("labels %g, seed %d", fraction, seed)
-            columns = few_labels(args, fraction, seed, checkpoint if checkpoint.is_file() else None)
+            columns = few_labels(args, fraction, seed, found)
             for column, summary in columns.items():
                 few.setdefault(fraction, {}).setdefault(column, []).append(summary)
     text = report(args, argv, pretrained, few, started)
