@@ -191,7 +191,8 @@ def report(args, argv, pretrained, few, started) -> str:
         "",
         "## The representation",
         "",
-        f"Backbone `{config.model.name}` (BEiT: `{BEIT_MODEL}`), pretrained without labels on the 60,000 training images for {epochs} "
+        f"Backbone `{config.model.name}` (BEiT: `{BEIT_MODEL}`), pretrained without labels on the 60,000 training "
+        f"images for {epochs} "
         f"epochs (preset `{PRETRAIN_PRESET}`: batch {config.optim.batch_size}, AdamW). `deit linear-probe` then "
         "fits a logistic regression (L-BFGS, C = 1) on the frozen features of all 60,000 labelled images; kNN: "
         "k = 20, T = 0.07, cosine.",
