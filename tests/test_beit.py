@@ -137,12 +137,9 @@ def test_beit_refuses_a_cnn_and_a_tokenizer_of_other_patches():
 
 @needs_fashion_mnist
 def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypatch, capsys):
-    import deit.training
-    from deit.checkpoint import load_checkpoint
     from deit.cli.main import main
-    from deit.interrupts import StopRequest
-    from deit.training import RunInterrupted, fit
-    from test_ssl import pretrain_config
+    from deit.training import fit
+    from test_ssl import assert_same_state, interrupted_after_step, pretrain_config
 
     tokens = tmp_path / "tokens.safetensors"
     assert main(["tokenizer", "--patch-size", "4", "--codebook-size", "32", "--samples", "20000",
@@ -154,22 +151,10 @@ def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypat
     assert steps[-1]["loss"] < steps[0]["loss"]  # it learns to predict the masked tokens
     assert whole.final["num_samples"] == 10000  # the kNN monitor scored the class token
 
-    stop, real_step = StopRequest(), deit.training.RunLogs.step
-
-    def stop_after_step_5(self, record):
-        real_step(self, record)
-        if record["step"] == 5:
-            stop.request(15)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(deit.training.RunLogs, "step", stop_after_step_5)
-        with pytest.raises(RunInterrupted):
-            fit(pretrain_config(tmp_path / "cut", "beit", **beit), stop=stop)
-    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+    saved = interrupted_after_step(pretrain_config(tmp_path / "cut", "beit", **beit), 5, monkeypatch)
     assert saved["epoch_step"] > 0 and "tokenizer.codebook" in saved["model"]  # the tokenizer is in the checkpoint
     resumed = fit(pretrain_config(tmp_path / "cut", "beit", **{**beit, "run.resume": "auto"}))
-    for name, value in whole.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert_same_state(whole.model, resumed.model)
 
     student = tmp_path / "student"
     pretrained = str(tmp_path / "whole" / "checkpoint.pth")

@@ -39,10 +39,8 @@ def config(out, **overrides):
 
 @needs_fashion_mnist
 def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(tmp_path, monkeypatch):
-    import deit.training
-    from deit.checkpoint import load_checkpoint
-    from deit.interrupts import StopRequest
-    from deit.training import RunInterrupted, fit
+    from deit.training import fit
+    from test_ssl import assert_same_state, interrupted_after_step
 
     whole = fit(config(tmp_path / "whole"))
     history = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
@@ -52,19 +50,7 @@ def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(
     steps = [json.loads(line) for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 16 and steps[7]["loss"] < steps[0]["loss"]  # the head learns the epoch's clusters
 
-    stop, real_step = StopRequest(), deit.training.RunLogs.step
-
-    def stop_after_step_10(self, record):  # 8 steps an epoch: inside the second epoch
-        real_step(self, record)
-        if record["step"] == 10:
-            stop.request(15)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(deit.training.RunLogs, "step", stop_after_step_10)
-        with pytest.raises(RunInterrupted):
-            fit(config(tmp_path / "cut"), stop=stop)
-    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+    saved = interrupted_after_step(config(tmp_path / "cut"), 10, monkeypatch)  # 8 steps an epoch: in the second
     assert saved["epoch"] == 1 and saved["epoch_step"] > 0 and int(saved["model"]["clustered_for"]) == 1
     resumed = fit(config(tmp_path / "cut", **{"run.resume": "auto"}))
-    for name, value in whole.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert_same_state(whole.model, resumed.model)

@@ -144,32 +144,43 @@ def test_each_method_lowers_its_loss_without_collapsing(method, tmp_path):
     assert features.std(dim=0).mean() > 0.1 / math.sqrt(features.shape[1])  # not one point for every image
 
 
-@needs_fashion_mnist
-def test_moco_resumes_mid_epoch_exactly_queue_and_key_encoder_included(tmp_path, monkeypatch):
+def interrupted_after_step(config, step: int, monkeypatch) -> dict:
+    """Run ``config`` until a stop request (a SIGTERM's) right after ``step`` is logged; return its checkpoint."""
     import deit.training
     from deit.checkpoint import load_checkpoint
     from deit.interrupts import StopRequest
     from deit.training import RunInterrupted, fit
 
-    whole = fit(pretrain_config(tmp_path / "whole", "moco", **{"optim.epochs": 2}))
-    stop = StopRequest()
-    real_step = deit.training.RunLogs.step
+    stop, real_step = StopRequest(), deit.training.RunLogs.step
 
-    def stop_after_step_5(self, record):
+    def stop_after(self, record):
         real_step(self, record)
-        if record["step"] == 5:  # 4 steps an epoch: the second step of the second epoch
+        if record["step"] == step:
             stop.request(15)
 
     with monkeypatch.context() as patched:
-        patched.setattr(deit.training.RunLogs, "step", stop_after_step_5)
+        patched.setattr(deit.training.RunLogs, "step", stop_after)
         with pytest.raises(RunInterrupted):
-            fit(pretrain_config(tmp_path / "cut", "moco", **{"optim.epochs": 2}), stop=stop)
-    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+            fit(config, stop=stop)
+    return load_checkpoint(f"{config.run.output_dir}/checkpoint.pth")
+
+
+def assert_same_state(first: nn.Module, second: nn.Module) -> None:
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+
+
+@needs_fashion_mnist
+def test_moco_resumes_mid_epoch_exactly_queue_and_key_encoder_included(tmp_path, monkeypatch):
+    from deit.training import fit
+
+    whole = fit(pretrain_config(tmp_path / "whole", "moco", **{"optim.epochs": 2}))
+    saved = interrupted_after_step(pretrain_config(tmp_path / "cut", "moco", **{"optim.epochs": 2}), 5, monkeypatch)
     # the request comes after step 5 is logged; every process agrees on it within step 6, which completes
+    # (4 steps an epoch: the checkpoint is inside the second epoch)
     assert saved["epoch"] == 1 and saved["epoch_step"] == 3 and "queue.keys" in saved["model"]
     resumed = fit(pretrain_config(tmp_path / "cut", "moco", **{"optim.epochs": 2, "run.resume": "auto"}))
-    for name, value in whole.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert_same_state(whole.model, resumed.model)
 
 
 def test_views_are_two_different_crops_of_each_image_drawn_from_its_seed():
