@@ -220,7 +220,7 @@ def _build_student(spec: ModelSpec, config: ModelConfig) -> nn.Module:
 def _self_supervised(
     model: nn.Module, spec: ModelSpec, config: TrainConfig, data: DataBundle, layout: Distributed
 ) -> tuple[Method, DataBundle]:
-    """The method around ``model`` (now its backbone), trained on two views of every image (``deit.ssl``)."""
+    """The method around ``model`` (now its backbone), and the views of every image it trains on (``deit.ssl``)."""
     if config.distill.type != "none" or config.augment.mixup > 0 or config.augment.cutmix > 0:
         raise RunError("self-supervised pretraining uses no teacher and no Mixup / CutMix: drop those settings")
     if data.batch_transform is None:

@@ -2,13 +2,16 @@
 
 ``deit pretrain --method simclr`` is ``deit train`` with ``pretrain.method``
 set. ``run.build_run`` then builds the method (``build_method``) around the
-backbone instead of a classifier, replaces the batch augmentation by two
-views per image (``ssl.views``), and gives the step ``view_losses``. Every
-guarantee of ``deit train`` carries over: progress lines, metrics, atomic
-checkpoints (targets and queue included, they are buffers and parameters of
-the method), exact resume, SIGTERM and torchrun. After each epoch the
-backbone is scored by a kNN classifier (``knn_accuracy``) instead of its
-(absent) head.
+backbone instead of a classifier, and replaces the batch augmentation by the
+views the method takes (``ssl.views``: two per image, or one). The step
+gets the method's ``objective``: its losses of two views, of one view and a
+mask per image (BEiT), or of one view and each image's index (DeepCluster).
+Every guarantee of ``deit train`` carries over: progress lines, metrics,
+atomic checkpoints (targets, queues, clusters and codebooks included: they
+are buffers and parameters of the method), exact resume, SIGTERM and
+torchrun. Before each epoch a method may prepare it (``Method.before_epoch``:
+DeepCluster clusters). After each evaluated epoch, the method's
+representation is scored by a kNN classifier (``knn_accuracy``).
 """
 
 from __future__ import annotations
@@ -175,10 +178,14 @@ def knn_monitor(
 
 
 def epoch_context(
-    data: DataBundle, *, device: torch.device, precision: Precision, optimizer: torch.optim.Optimizer, layout
+    data: DataBundle,
+    *,
+    device: torch.device,
+    precision: Precision,
+    optimizer: torch.optim.Optimizer,
+    layout: Distributed,
 ) -> EpochContext:
     """What ``Method.before_epoch`` may look at: the in-memory training images, their labels, the optimizer."""
     train = data.train_loader.dataset  # InMemoryBatches: pretraining runs on the whole-batch path
-    broadcast = layout.broadcast if layout.enabled else (lambda tensor: tensor)
     return EpochContext(train.images, train.labels.to(device), data.info.mean, data.info.std, device, precision,
-                        optimizer, broadcast)  # fmt: skip
+                        optimizer, layout.broadcast)  # fmt: skip
