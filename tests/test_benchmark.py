@@ -73,3 +73,15 @@ def test_bad_requests_are_clear_errors(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert main(["benchmark", "--model", "resnet10t", "--teacher", "resnet18"]) == 2
     assert "--train" in capsys.readouterr().err
+
+
+def test_the_share_of_the_matmul_peak_counts_a_training_step_as_about_three_forwards(monkeypatch):
+    monkeypatch.setattr(deit.benchmark, "_timed", lambda *args, **kwargs: 0.5)  # seconds per step, and per matmul
+    model = {"batch_size": 8, "input_size": 28, "in_chans": 1, "num_classes": 10, "peak": True, **FAST}
+    inference = measure_throughput("deit_pico_patch4_28", **model)
+    training = measure_throughput("deit_pico_patch4_28", train=True, attn_impl="math", **model)
+    assert 2.5 < training.gflop_per_image / inference.gflop_per_image < 3.5  # forward + backward ~ 3 forwards
+    peak = 2 * 2048**3 / 0.5 / 1e9  # what the patched timer makes of the 2048² matmul
+    assert training.peak_share == pytest.approx(training.gflop_per_image * 8 / 0.5 / peak)
+    assert (inference.attention, training.attention) == ("sdpa", "math")
+    assert measure_throughput("resnet10t", **model).attention is None

@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from deit.data.batch import Batch
 from deit.engine import Precision, StepParts, train_steps
 from deit.errors import DeitError
 from deit.losses import DistillationLoss
-from deit.models import create_model
+from deit.models import VisionTransformer, create_model, is_deit_model
 from deit.run import resolve_device
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -47,6 +48,9 @@ class Throughput:
     images_per_sec: float
     peak_memory_mb: float  # GPU: peak allocated by torch; CPU: the process's peak resident memory so far
     teacher_share: float | None = None  # fraction of a distillation step spent in the teacher
+    attention: str | None = None  # our DeiT models' attention kernel: sdpa or math
+    gflop_per_image: float | None = None  # counted by torch's flop counter on one step (with --peak)
+    peak_share: float | None = None  # achieved GFLOP/s over the measured matmul peak of the dtype (with --peak)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,11 +124,20 @@ def measure_throughput(
     warmup: int = 3,
     iters: int = 10,
     repeats: int = 3,
+    attn_impl: str | None = None,
+    peak: bool = False,
 ) -> Throughput:
-    """Throughput of ``name`` (any deit or timm model) on random images of ``batch_size`` x ``input_size``²."""
+    """Throughput of ``name`` (any deit or timm model) on random images of ``batch_size`` x ``input_size``².
+
+    ``attn_impl`` picks our DeiT models' attention kernel. With ``peak``, the
+    step's floating-point work is counted and set against a measured matmul
+    peak of the same dtype on the same device.
+    """
     torch_device = resolve_device(device)
     precision = _precision(dtype, torch_device)
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=input_size).to(torch_device)
+    options = {"attn_impl": attn_impl} if attn_impl and is_deit_model(name) else {}
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=input_size, **options)
+    model = model.to(torch_device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     teacher_model = None
     if teacher is not None:
@@ -142,28 +155,38 @@ def measure_throughput(
             with torch.inference_mode(), precision.autocast():
                 runnable(images)
 
-        seconds, mode, share = _timed(infer, torch_device, warmup, iters, repeats), "inference", None
+        step, mode, share = infer, "inference", None
+        seconds = _timed(step, torch_device, warmup, iters, repeats)
     else:
         model.train()
-        seconds = _timed(_train_step(runnable, None, precision, images, labels), torch_device, warmup, iters, repeats)
+        step = _train_step(runnable, None, precision, images, labels)
+        seconds = _timed(step, torch_device, warmup, iters, repeats)
         mode, share = "train", None
         if teacher_model is not None:
             alone = seconds
             step = _train_step(runnable, teacher_model, precision, images, labels)
             seconds = _timed(step, torch_device, warmup, iters, repeats)
             mode, share = f"train + teacher {teacher}", max(0.0, 1 - alone / seconds)
+    memory = _peak_memory_mb(torch_device)
+    gflop = peak_share = None
+    if peak:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        gflop = counter.get_total_flops() / 1e9 / batch_size
+        peak_share = gflop * batch_size / seconds / matmul_peak_gflops(dtype, torch_device)
+    attention = (attn_impl or model.config.attn_impl) if isinstance(model, VisionTransformer) else None
     return Throughput(
-        name,
-        params,
-        input_size,
-        batch_size,
-        dtype,
-        compile,
-        mode,
-        batch_size / seconds,
-        _peak_memory_mb(torch_device),
-        share,
-    )
+        name, params, input_size, batch_size, dtype, compile, mode, batch_size / seconds, memory, share, attention,
+        gflop, peak_share,
+    )  # fmt: skip
+
+
+def matmul_peak_gflops(dtype: str, device: torch.device, size: int = 2048) -> float:
+    """The best GFLOP/s of a square ``size`` matmul in ``dtype`` on ``device``: what a step's share is taken of."""
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a, b = (torch.randn(size, size, device=device).to(torch_dtype) for _ in range(2))
+    seconds = _timed(lambda: a @ b, device, warmup=2, iters=3, repeats=5)  # the median of 5: a noisy machine
+    return 2 * size**3 / seconds / 1e9
 
 
 def largest_batch(measure: Callable[[int], Throughput], device: torch.device, limit: int = 1024) -> Throughput:
