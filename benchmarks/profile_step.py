@@ -107,10 +107,11 @@ def main(argv: list[str]) -> int:
         "",
         f"Command: `{' '.join(['python benchmarks/profile_step.py', *argv])}`",
         "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. The "
-        f"paper-recipe row of pipeline_speed.py: `deit_nano_distilled_patch7_28`, batch {BATCH}, online ResNet-18 "
-        "teacher, hard distillation, RandAugment rand-m9-mstd0.5-inc1, Random Erasing 0.25, Mixup 0.8, CutMix 1.0, stochastic "
-        f"depth 0.1, bf16 where native. Median milliseconds per step over {args.steps} steps after {args.warmup}.",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"The paper-recipe row of pipeline_speed.py: `deit_nano_distilled_patch7_28`, batch {BATCH}, "
+        "online ResNet-18 teacher, hard distillation, RandAugment rand-m9-mstd0.5-inc1, Random Erasing 0.25, "
+        "Mixup 0.8, CutMix 1.0, stochastic depth 0.1, bf16 where native. "
+        f"Median milliseconds per step over {args.steps} steps after {args.warmup}.",
         "",
         "| part | ms per step | share |",
         "|---|---:|---:|",
