@@ -4,7 +4,8 @@ Part 1, the representation. Each method pretrains on the 60,000 training
 images without their labels. SimCLR, MoCo v2 and v3, BYOL, DeepCluster, CPC
 and CMC pretrain the same CNN (``fashion_mnist_pretrain``: a small-image
 ResNet-8). BEiT pretrains the student's ViT (``deit_nano_patch7_28``), with a
-256-token codebook of 7 px patches fitted once (``deit tokenizer``). Then
+256-token tokenizer of 7 px patches fitted once (``deit tokenizer``, a k-means
+codebook or, with ``--tokenizer-kind dvae``, a small discrete VAE). Then
 ``deit linear-probe`` scores the frozen features: a logistic regression and a
 kNN classifier, beside the same network at random init and the raw pixels.
 
@@ -47,7 +48,7 @@ from distillation_table import commit, mean_std, train_or_read
 from deit.config import PRETRAIN_METHODS, load_config, with_overrides
 from deit.data import build_probe_data
 from deit.ssl.probe import probe_checkpoint
-from deit.ssl.tokenizer import PatchTokenizer, train_tokenizer
+from deit.ssl.tokenizer import train_tokenizer
 
 PRETRAIN_PRESET = "fashion_mnist_pretrain"
 FINETUNE_PRESET = "fashion_mnist_teacher_strong"  # its recipe (schedule, RE, smoothing) for the pretrained CNN
@@ -73,6 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the pool, labelled images cycled")
     parser.add_argument("--student-epochs", type=int, default=10, help="epochs of the pool, as label_efficiency.py")
     parser.add_argument("--unlabeled-ratio", type=float, default=0.75, help="unlabelled share of the SimCLRv2 batches")
+    parser.add_argument("--tokenizer-kind", choices=("kmeans", "dvae"), default="kmeans", help="BEiT's tokens")
     parser.add_argument("--work-dir", default="runs/self_supervised")
     parser.add_argument("--output", default="benchmarks/results/self_supervised.md")
     parser.add_argument("--no-progress", action="store_true")
@@ -80,18 +82,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def tokenizer(args: argparse.Namespace) -> Path:
-    """BEiT's visual tokenizer for 7 px patches of Fashion-MNIST, fitted once (``deit tokenizer``)."""
-    path = Path(args.work_dir) / "tokenizer-p7-256.safetensors"
+    """BEiT's visual tokenizer (``--tokenizer-kind``) for 7 px patches of Fashion-MNIST, fitted once."""
+    path = Path(args.work_dir) / f"tokenizer-{args.tokenizer_kind}-p7-256.safetensors"
     if not path.is_file():
-        loader, _, info = build_probe_data("fashion-mnist", None, batch_size=1024)
-        images = torch.cat([batch for batch, _ in loader])
-        train_tokenizer(images, patch_size=7, codebook_size=256, dataset=info.name).save(path)
-    PatchTokenizer.load(path)  # a damaged file fails here, before the run
+        train_loader, val_loader, info = build_probe_data("fashion-mnist", None, batch_size=1024)
+        images, held_out = (torch.cat([batch for batch, _ in loader]) for loader in (train_loader, val_loader))
+        train_tokenizer(images, patch_size=7, codebook_size=256, dataset=info.name, kind=args.tokenizer_kind,
+                        held_out=held_out).save(path)  # fmt: skip
     return path
 
 
+def pretrain_folder(args: argparse.Namespace, method: str, seed: int) -> Path:
+    """Where a method's pretraining run lives; BEiT's depends on its tokenizer's kind."""
+    name = method if method != "beit" or args.tokenizer_kind == "kmeans" else f"beit-{args.tokenizer_kind}"
+    return Path(args.work_dir) / "pretrain" / name / f"seed{seed}"
+
+
 def pretrain(args: argparse.Namespace, method: str, seed: int) -> tuple[dict, Path]:
-    folder = Path(args.work_dir) / "pretrain" / method / f"seed{seed}"
+    folder = pretrain_folder(args, method, seed)
     overrides = {"pretrain.method": method, "run.seed": seed, "run.output_dir": str(folder), "run.resume": "auto",
                  "run.progress": not args.no_progress}  # fmt: skip
     if method == "beit":
@@ -159,7 +167,7 @@ def main(argv: list[str]) -> int:
             pretrained.setdefault(method, []).append((summary, probe(checkpoint, seed)))
     few: dict[float, dict[str, list[dict]]] = {}
     for seed in range(args.seeds if args.fractions else 0):
-        checkpoints = {method: Path(args.work_dir) / "pretrain" / method / f"seed{seed}" / "checkpoint.pth"
+        checkpoints = {method: pretrain_folder(args, method, seed) / "checkpoint.pth"
                        for method in (args.simclrv2_method, "beit")}  # fmt: skip
         found = {method: path for method, path in checkpoints.items() if path.is_file()}
         for fraction in [*args.fractions, 1.0]:

@@ -162,3 +162,28 @@ def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypat
                  "--train-subset", "256", "--epochs", "1", "--batch-size", "64", "--no-progress",
                  "--output-dir", str(student)])  # fmt: skip
     assert code == 0
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "dvae"])
+def test_both_tokenizer_kinds_keep_the_patch_prototypes_apart_and_round_trip(kind, tmp_path):
+    """Images tiled from 4 patch prototypes plus a little noise: no token may stand for two prototypes."""
+    generator = torch.Generator().manual_seed(0)
+    prototypes = 2 * torch.randn(4, 16, generator=generator)
+
+    def tiled(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        choice = torch.randint(0, 4, (count * 49,), generator=generator)
+        patches = prototypes[choice] + 0.05 * torch.randn(count * 49, 16, generator=generator)
+        images = torch.nn.functional.fold(patches.view(count, 49, 16).transpose(1, 2), (28, 28), 4, stride=4)
+        return images, choice
+
+    held_out, truth = tiled(50)
+    tokenizer = train_tokenizer(tiled(200)[0], patch_size=4, codebook_size=8, dataset="test", kind=kind,
+                                held_out=held_out)  # fmt: skip
+    info = tokenizer.info
+    assert info.kind == kind and info.reconstruction_mse < 0.05 and 3.5 < info.perplexity <= 8
+    tokens = tokenizer(held_out).flatten()
+    for token in tokens.unique():
+        assert len(truth[tokens == token].unique()) == 1  # each token names one prototype
+    tokenizer.save(tmp_path / "tokens.safetensors")
+    again = PatchTokenizer.load(tmp_path / "tokens.safetensors")
+    assert again.info == info and torch.equal(again(held_out), tokenizer(held_out))

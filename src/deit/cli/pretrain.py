@@ -101,6 +101,8 @@ def add_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input-size", type=int, help="default: the data set's own")
     parser.add_argument("--in-chans", type=int, help="image folders: 1 to read grayscale, 3 for RGB")
     parser.add_argument("--patch-size", type=int, required=True, help="the ViT's patch size, e.g. 7 or 4 at 28 px")
+    parser.add_argument("--kind", choices=("kmeans", "dvae"), default="kmeans",
+                        help="a k-means codebook, or a small discrete VAE (see docs/pretraining.md)")  # fmt: skip
     parser.add_argument("--codebook-size", type=int, default=256, help="tokens (BEiT's dVAE has 8192)")
     parser.add_argument("--samples", type=int, default=100_000, help="random patches the codebook is fitted to")
     parser.add_argument("--bad-files", default="error", choices=("error", "skip"))
@@ -116,13 +118,15 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     from deit.ssl.tokenizer import train_tokenizer
 
     dataset = "unlabeled" if _is_plain_folder(args.data_set, args.data_path) else args.data_set
-    loader, _, info = build_probe_data(
+    train_loader, val_loader, info = build_probe_data(
         dataset, args.data_path, batch_size=512, input_size=args.input_size, in_chans=args.in_chans,
         bad_files=args.bad_files,
     )  # fmt: skip
-    images = torch.cat([batch for batch, _ in loader])  # normalised, unaugmented: what the ViT sees
+    images = torch.cat([batch for batch, _ in train_loader])  # normalised, unaugmented: what the ViT sees
+    held_out = [batch for batch, _ in val_loader]  # a plain folder has no validation images
     tokenizer = train_tokenizer(images, patch_size=args.patch_size, codebook_size=args.codebook_size,
-                                dataset=info.name, samples=args.samples, seed=args.seed)  # fmt: skip
+                                dataset=info.name, kind=args.kind, samples=args.samples,
+                                held_out=torch.cat(held_out) if held_out else None, seed=args.seed)  # fmt: skip
     tokenizer.save(args.output)
     print(json.dumps({"output": args.output, **asdict(tokenizer.info), "codebook_size": tokenizer.size}, indent=2))
     return 0
