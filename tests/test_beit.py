@@ -187,3 +187,20 @@ def test_both_tokenizer_kinds_keep_the_patch_prototypes_apart_and_round_trip(kin
     tokenizer.save(tmp_path / "tokens.safetensors")
     again = PatchTokenizer.load(tmp_path / "tokens.safetensors")
     assert again.info == info and torch.equal(again(held_out), tokenizer(held_out))
+
+
+def test_the_pixel_target_variant_regresses_the_masked_patches_pixels_only():
+    from deit.models import create_model
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.beit import BEiT
+
+    torch.manual_seed(0)
+    beit = BEiT(Backbone(create_model("deit_pico_patch4_28", num_classes=10, in_chans=1, img_size=28)), None)
+    assert beit.token_head.out_features == 16  # one 4 x 4 gray patch
+    images = torch.randn(2, 1, 28, 28)
+    masks = BlockMasks(grid=7)(torch.arange(2))
+    predicted = beit.token_head(beit.patch_features(images, masks))  # (B, 49, 16): every position
+    pixels = patchify(images, 4)
+    by_hand = (predicted[masks] - pixels[masks]).abs().mean()
+    assert torch.allclose(beit.losses(images, masks)["loss"], by_hand)
+    assert not torch.allclose(by_hand, (predicted - pixels).abs().mean())  # the visible positions would count

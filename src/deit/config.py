@@ -112,6 +112,7 @@ class PretrainConfig:
     queue_size: int = 4096  # MoCo v2's negatives, and CMC's (one queue per view)
     tokenizer: str | None = None  # BEiT: the visual tokenizer file `deit tokenizer` wrote
     mask_ratio: float = 0.4  # BEiT: share of each image's patches masked, in blocks
+    mask_target: str = "tokens"  # BEiT: the tokenizer's tokens, or the masked patches' pixels (SimMIM's baseline)
     clusters: int = 100  # DeepCluster: k of its k-means, more than the classes
     pca_dim: int = 64  # DeepCluster: features are whitened down to this many dimensions before k-means
     cpc_patch: int | None = None  # CPC: side of its overlapping patches (stride half of it); None: half the image
@@ -201,6 +202,7 @@ ALLOWED: dict[str, Allowed] = {
     "pretrain.clusters": Allowed(2),
     "pretrain.pca_dim": AT_LEAST_ONE,
     "pretrain.mask_ratio": Allowed(0, 1, low_open=True, high_open=True),
+    "pretrain.mask_target": Allowed(choices=("tokens", "pixels")),
     "pretrain.dim": AT_LEAST_ONE,
     "pretrain.hidden_dim": AT_LEAST_ONE,
     "pretrain.projector_layers": Allowed(choices=(2, 3)),

@@ -72,8 +72,13 @@ def build_method(backbone: Backbone, config: PretrainConfig, setup: MethodSetup)
     if config.method == "byol":
         return BYOL(backbone, total_steps=setup.total_steps, **heads, momentum=config.momentum)
     if config.method == "beit":
+        if config.mask_target == "pixels":
+            return BEiT(backbone, None, mask_ratio=config.mask_ratio)
         if config.tokenizer is None:
-            raise TokenizerError("BEiT predicts visual tokens: give --tokenizer FILE, made by `deit tokenizer`")
+            raise TokenizerError(
+                "BEiT predicts visual tokens: give --tokenizer FILE, made by `deit tokenizer` (or predict pixels: "
+                "--set pretrain.mask_target=pixels)"
+            )
         return BEiT(backbone, PatchTokenizer.load(config.tokenizer), mask_ratio=config.mask_ratio)
     if config.method == "deepcluster":
         settings = ClusterSettings(clusters=config.clusters, pca_dim=config.pca_dim, seed=setup.seed)
