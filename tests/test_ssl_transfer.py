@@ -215,3 +215,14 @@ def test_simclrv2_three_commands_pretrain_finetune_on_few_labels_then_distil(tmp
     finished = Checkpoint.load(student / "checkpoint.pth")
     assert finished.epoch == 2 and finished.history[-1]["val"]["acc1"] > 10
     assert finished.history[-1]["teacher"]["acc1"] > 10  # the fine-tuned network was the teacher, and was scored
+
+
+def test_linear_probe_on_another_data_set_a_colour_image_folder(tmp_path, make_image_folder):
+    """A grayscale 28 px backbone probed on colour images of other sizes: read as gray, resized, scored."""
+    from deit.ssl.probe import probe_checkpoint
+
+    save_pretrained(tmp_path / "simclr.pth")
+    folder = make_image_folder(classes=("ant", "bee", "cat"), per_class={"train": 6, "val": 3})
+    scores = probe_checkpoint(tmp_path / "simclr.pth", dataset="imagefolder", data_path=str(folder))
+    assert [s.dim for s in scores] == [64, 64, 28 * 28]  # raw pixels: the folder read as the backbone sees it
+    assert all(0 <= s.linear_acc1 <= 100 and 0 <= s.knn_acc1 <= 100 for s in scores)

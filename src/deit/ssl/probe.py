@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from deit.data import build_probe_data
 from deit.engine import Precision
 from deit.rng import seed_everything
+from deit.run import resolve_device
 from deit.ssl.knn import knn_predict
 from deit.ssl.transfer import describe, load_backbone
 
@@ -133,7 +134,7 @@ def probe_checkpoint(
 ) -> list[ProbeScore]:
     """The linear probe of the backbone in ``path`` on ``dataset`` (default: its own), then of the baselines."""
     backbone, checkpoint = load_backbone(path)
-    run_device = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    run_device = resolve_device(device)
     precision = Precision.resolve(amp, run_device)
     dataset = dataset or checkpoint.data.dataset
     if data_path is None and dataset == checkpoint.data.dataset:
@@ -144,10 +145,10 @@ def probe_checkpoint(
     )  # fmt: skip
     log.info("linear probe of %s on %s: %d labelled training images, %d validation images",
              describe(checkpoint), info.name, len(train_loader.dataset), len(val_loader.dataset))  # fmt: skip
-    seed_everything(seed)
-    random_init, _ = load_backbone(path, random_init=True)
     encoders: list[tuple[str, Encoder]] = [(f"{checkpoint.model_spec.name} ({path})", backbone)]
     if baselines:
+        seed_everything(seed)  # the random init the baseline draws
+        random_init, _ = load_backbone(path, random_init=True)
         encoders += [(f"{checkpoint.model_spec.name}, random init", random_init), ("raw pixels", nn.Flatten())]
     scores = []
     for name, encoder in encoders:
