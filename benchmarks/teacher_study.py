@@ -203,6 +203,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two lists of the same length (no ties expected)."""
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        return [order.index(i) for i in range(len(values))]
+
+    n, ra, rb = len(a), ranks(a), ranks(b)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1)) if n > 1 else 0.0
+
+
 def claims(teachers: dict[str, dict], students: dict[str, list[dict]]) -> list[str]:
     def teacher_acc(key: str) -> float:
         return teachers[key]["final"]["acc1"]
@@ -211,9 +222,13 @@ def claims(teachers: dict[str, dict], students: dict[str, list[dict]]) -> list[s
         return statistics.mean(run["final"]["avg_logits_acc1"] for run in students[key])
 
     cnns = sorted((spec.key for spec in TEACHERS if spec.kind == "CNN"), key=teacher_acc)
-    order = " < ".join(f"{student_acc(key):.2f}" for key in cnns)
+    order = ", ".join(f"{student_acc(key):.2f}" for key in cnns)
     monotone = all(student_acc(a) <= student_acc(b) for a, b in zip(cnns, cnns[1:], strict=False))
-    lines = [f"- A stronger CNN teacher gives a better student: **{'yes' if monotone else 'no'}** (students {order})"]
+    lines = [
+        f"- A stronger CNN teacher gives a better student, at every step: **{'yes' if monotone else 'no'}** "
+        f"(students, in order of their teacher's accuracy: {order}; Spearman's rank correlation "
+        f"{spearman([teacher_acc(key) for key in cnns], [student_acc(key) for key in cnns]):+.2f})"
+    ]
     for spec in (spec for spec in TEACHERS if spec.kind == "transformer"):
         twin = min(cnns, key=lambda key: abs(teacher_acc(key) - teacher_acc(spec.key)))
         gap = abs(teacher_acc(twin) - teacher_acc(spec.key))
