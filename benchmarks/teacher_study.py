@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from distillation_table import (
     DISTILLED_STUDENT,
     RUNS,
@@ -39,7 +40,9 @@ from distillation_table import (
     train_or_read,
 )
 
+from deit.checkpoint import Checkpoint
 from deit.config import load_config, with_overrides
+from deit.data.datasets import load_fashion_mnist
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,42 @@ def train_student(args: argparse.Namespace, spec: TeacherSpec, seed: int) -> dic
     return train_or_read(config, Path(config.run.output_dir))
 
 
+@torch.no_grad()
+def predictions(checkpoint: Path) -> torch.Tensor:
+    """The class a checkpoint's model predicts for each of the 10,000 test images (a distilled one: fused)."""
+    saved = Checkpoint.load(checkpoint)
+    model = saved.build_model().eval()
+    loader, _ = saved.eval_data(batch_size=1000)
+    return torch.cat([model(images).argmax(dim=1) for images, _ in loader])
+
+
+def copied(args: argparse.Namespace) -> list[str]:
+    """How much of its teacher each seed-0 student copies: agreement on the test images, right and wrong."""
+    _, test = load_fashion_mnist(None, False)
+    truth = test.labels
+    lines = [
+        "How much of its teacher each student (seed 0) copies, on the 10,000 test images: the share of images "
+        "where the two predict the same class, overall and where the teacher is wrong (there the student copies "
+        "the mistake, or not).",
+        "",
+        "| teacher | teacher wrong on | same class, all images (%) | same class where the teacher is wrong (%) |",
+        "|---|---:|---:|---:|",
+    ]
+    for spec in TEACHERS:
+        work = Path(args.table_dir) if spec.key == TABLE_TEACHER else Path(args.work_dir) / spec.key
+        student = work / "token" / "seed0" / "checkpoint.pth"
+        teacher = teacher_folder(args, spec) / "checkpoint.pth"
+        if not (student.is_file() and teacher.is_file()):
+            continue
+        taught, said = predictions(student), predictions(teacher)
+        wrong = said != truth
+        lines.append(
+            f"| {spec.description} | {int(wrong.sum())} | {100 * (taught == said).float().mean():.2f} | "
+            f"{100 * (taught[wrong] == said[wrong]).float().mean():.2f} |"
+        )
+    return lines
+
+
 def agreement(args: argparse.Namespace) -> list[str]:
     """The agreement table of the main run (seed 0): distilled and undistilled students against the CNN teacher."""
     from deit.analysis.analyze import analyze_checkpoint
@@ -191,7 +230,8 @@ def main(argv: list[str]) -> int:
             f"{', '.join(f'{v:.2f}' for v in values)} | "
             f"{', '.join(f'{move:+.2f}' for move in moves)} | {mean_std(paired)} |"
         )
-    lines += ["", "## Claims", "", *claims(teachers, students), "", "## Agreement", "", *agreement(args)]
+    lines += ["", "## Claims", "", *claims(teachers, students), "", "## What the students copy", "", *copied(args)]
+    lines += ["", "## Agreement", "", *agreement(args)]
     text = "\n".join(lines) + "\n"
     Path(args.output).write_text(text)
     summary = {key: {"teacher": teachers[key]["final"], "students": [run["final"] for run in students[key]]}
