@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import deit.checkpoint
+import deit.weights
 from deit.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -320,7 +321,7 @@ def test_pretrained_true_fetches_the_official_weights(monkeypatch, tmp_path, fas
     local = tmp_path / "official.pth"
     torch.save({"model": official.state_dict()}, local)
     asked = []
-    monkeypatch.setattr(deit.checkpoint, "fetch_weights", lambda url, **_: asked.append(url) or local)
+    monkeypatch.setattr(deit.weights, "fetch_weights", lambda url, **_: asked.append(url) or local)
     model = create_model("deit_tiny_distilled_patch16_224", pretrained=True)
     assert asked == ["https://dl.fbaipublicfiles.com/deit/deit_tiny_distilled_patch16_224-b40b3cf7.pth"]
     assert torch.equal(model.dist_token, official.dist_token)

@@ -29,10 +29,10 @@ from deit.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
-    atomic_path,
     load_checkpoint,
 )
 from deit.errors import DeitError
+from deit.files import atomic_path
 from deit.models import EVAL_OUTPUTS, VisionTransformer, fuse_heads
 
 log = logging.getLogger("deit")

@@ -27,9 +27,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from deit.checkpoint import atomic_path
 from deit.data.unlabeled import UNLABELED
 from deit.errors import DeitError
+from deit.files import atomic_path
 
 
 class PseudoLabelError(DeitError, ValueError):

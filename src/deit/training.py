@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from deit.checkpoint import atomic_path
 from deit.config import TrainConfig, save_config
 from deit.distributed import Distributed, destroy_process_group, from_environment, init_process_group
 from deit.engine import EpochMeter, NonFiniteLossError, evaluate, train_steps
+from deit.files import atomic_path
 from deit.interrupts import RunInterrupted, StopRequest, stop_on_signals
 from deit.progress import StepProgress
 from deit.pseudo_labels import PseudoLabelTeacher

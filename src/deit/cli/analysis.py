@@ -101,7 +101,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from deit.analysis.report import build_report
-    from deit.checkpoint import atomic_path
+    from deit.files import atomic_path
 
     if not (Path(args.run) / "metrics.jsonl").is_file():
         raise DataError(f"{args.run} holds no metrics.jsonl: is it the --output-dir of a deit train run?")

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deit.checkpoint import atomic_path
 from deit.data.datasets import ImageFileDataset, TensorImageDataset, decode_to_size
+from deit.files import atomic_path
 
 log = logging.getLogger("deit")
 

@@ -51,7 +51,7 @@ def _variants() -> dict[str, ViTConfig]:
 
 VARIANTS: dict[str, ViTConfig] = _variants()
 # The paper's ImageNet weights as released with the official code; the hash prefix in each file name is
-# checked on download (see deit.checkpoint.fetch_weights). Used by create_model(name, pretrained=True).
+# checked on download (see deit.weights.fetch_weights). Used by create_model(name, pretrained=True).
 OFFICIAL_WEIGHTS_BASE = "https://dl.fbaipublicfiles.com/deit/"
 OFFICIAL_WEIGHTS = {
     "deit_tiny_patch16_224": "deit_tiny_patch16_224-a1311bcf.pth",
@@ -127,7 +127,7 @@ def load_weights(model: nn.Module, weights: str | dict[str, torch.Tensor], sourc
 
     Returns what had to be adapted (also logged, prefixed with ``source``).
     """
-    from deit.checkpoint import read_state_dict
+    from deit.weights import read_state_dict
 
     state = read_state_dict(weights) if isinstance(weights, str) else weights
     if not isinstance(model, VisionTransformer):
@@ -154,7 +154,7 @@ def _create_timm_model(
     checkpoint_path = pretrained if isinstance(pretrained, str) else None
     model = timm.create_model(name, pretrained=pretrained is True, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if checkpoint_path:
-        from deit.checkpoint import read_state_dict
+        from deit.weights import read_state_dict
 
         model.load_state_dict(read_state_dict(checkpoint_path))
     return model

@@ -1,6 +1,6 @@
-"""Self-supervised pretraining: the objectives of SimCLR, MoCo and BYOL, and what they share.
+"""Self-supervised pretraining: SimCLR, MoCo, BYOL, BEiT, DeepCluster, CPC and CMC, and what they share.
 
-``losses`` holds the objectives as functions of embeddings, ``momentum`` the
-slowly moving target networks and MoCo's queue of keys. The methods and
-``deit pretrain`` build on them (issue 18; in progress).
+``method`` is what every method is to the training loop, ``pretrain`` builds
+one and gives the step its objective; each method is one file. ``probe`` and
+``transfer`` use what was learned: a linear probe, and ``deit train --init``.
 """

@@ -96,7 +96,7 @@ class PatchTokenizer(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
 
-        from deit.checkpoint import atomic_path
+        from deit.files import atomic_path
 
         tensors = {"codebook": self.codebook}
         if self.encoder is not None:

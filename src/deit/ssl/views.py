@@ -1,4 +1,4 @@
-"""Two augmented views of every image, made whole-batch on the device: what SimCLR, MoCo and BYOL compare.
+"""Augmented views of every image, made whole-batch on the device: two for SimCLR, MoCo and BYOL, one for the rest.
 
 Per view and image, drawn from the image's seed (so resume and several
 processes stay exact, as in ``data.batched``):
