@@ -120,19 +120,10 @@ def build_data(
         raise DataError(
             f"the training set has {len(train_set)} images, fewer than one global batch of {batch_size * num_replicas}"
         )
-    sampler: EpochSampler | MixedEpochSampler
-    if unlabeled is not None and count_labeled(train_set) < len(train_set):
-        if repeated_aug > 1 or views:
-            raise DataError("unlabelled images work without repeated augmentation and without a teacher cache")
-        labels = torch.as_tensor(train_set.targets)
-        sampler = MixedEpochSampler(
-            labels, batch_size=batch_size, unlabeled_ratio=unlabeled.ratio, num_replicas=num_replicas, rank=rank,
-            seed=seed,
-        )  # fmt: skip
-    else:
-        sampler = EpochSampler(
-            len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed, views=views
-        )
+    sampler = _train_sampler(
+        train_set, unlabeled, batch_size=batch_size, repeated_aug=repeated_aug, views=views,
+        num_replicas=num_replicas, rank=rank, seed=seed,
+    )  # fmt: skip
     batch_transform = None
     if batched and _can_batch(train_set, size, rand_augment):
         # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
@@ -154,6 +145,31 @@ def build_data(
     val_sampler = ShardSampler(len(val_set), num_replicas=num_replicas, rank=rank)
     val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, val_sampler, workers=num_workers, pin=pin_memory)
     return DataBundle(train_loader, sampler, val_loader, info, size, batch_transform)
+
+
+def _train_sampler(
+    train_set: Dataset,
+    unlabeled: Unlabeled | None,
+    *,
+    batch_size: int,
+    repeated_aug: int,
+    views: int | None,
+    num_replicas: int,
+    rank: int,
+    seed: int,
+) -> EpochSampler | MixedEpochSampler:
+    """The epoch order: every image once (or ``repeated_aug`` times), or batches of a set unlabelled share."""
+    if unlabeled is not None and count_labeled(train_set) < len(train_set):
+        if repeated_aug > 1 or views:
+            raise DataError("unlabelled images work without repeated augmentation and without a teacher cache")
+        labels = torch.as_tensor(train_set.targets)
+        return MixedEpochSampler(
+            labels, batch_size=batch_size, unlabeled_ratio=unlabeled.ratio, num_replicas=num_replicas, rank=rank,
+            seed=seed,
+        )  # fmt: skip
+    return EpochSampler(
+        len(train_set), repeats=repeated_aug, num_replicas=num_replicas, rank=rank, seed=seed, views=views
+    )
 
 
 def build_eval_data(
