@@ -234,7 +234,8 @@ def report(args, argv, pretrained, few, started) -> str:
             "|---|" + "---:|" * len(FEW_LABEL_COLUMNS),
         ]
         for fraction, columns in sorted(few.items()):
-            cells = [mean_std([run["final"]["acc1"] for run in columns.get(name, [])]) for name in FEW_LABEL_COLUMNS]
+            cells = [mean_std([run["final"]["acc1"] for run in columns[name]]) if name in columns else "n/a"
+                     for name in FEW_LABEL_COLUMNS]  # fmt: skip
             lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "## Goals", "", *goals(pretrained, few)]
     return "\n".join(lines) + "\n"
@@ -253,7 +254,7 @@ def goals(pretrained: dict, few: dict) -> list[str]:
         met = mean_of(pretrained[best], 0) >= 88
         lines.append(f"- A linear probe ≥ 88 %: **{'yes' if met else 'no'}** (best: {best}, "
                      f"{mean_of(pretrained[best], 0):.2f})")  # fmt: skip
-    simclrv2 = few.get(0.1, {}).get(FEW_LABEL_COLUMNS[2], [])
+    simclrv2 = few.get(0.1, {}).get("SimCLRv2: pretrain + fine-tune + distil", [])
     full = few.get(1.0, {}).get("supervised", [])
     if simclrv2 and full:
         ours, mark = (statistics.mean(run["final"]["acc1"] for run in runs) for runs in (simclrv2, full))
