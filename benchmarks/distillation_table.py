@@ -257,7 +257,9 @@ def goals(values: dict[str, list[float]], teachers: list[float]) -> list[str]:
     return lines
 
 
-def write_table(args, argv, summaries: dict[str, list[dict]], teachers: list[dict], started: float) -> str:
+def write_table(
+    args, argv, summaries: dict[str, list[dict]], teachers: list[dict], started: float, measured_at: str
+) -> str:
     output = Path(args.output)
     curves = output.parent / f"{output.stem}_curves"
     curves.mkdir(parents=True, exist_ok=True)
@@ -283,7 +285,7 @@ def write_table(args, argv, summaries: dict[str, list[dict]], teachers: list[dic
         + f"; crop and flip, RandAugment {args.rand_augment or 'off'}, Random Erasing {args.random_erasing}, "
         f"Mixup {args.mixup}, CutMix {args.cutmix}; "
         f"evaluated every {args.eval_interval} epochs.",
-        f"Measured at commit {commit()} on {platform.machine()} with {torch.get_num_threads()} threads, "
+        f"Measured at commit {measured_at} on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; this invocation took {(time.perf_counter() - started) / 60:.0f} min "
         "(finished runs are read, not retrained).",
         "",
@@ -323,7 +325,7 @@ def write_table(args, argv, summaries: dict[str, list[dict]], teachers: list[dic
         json.dumps(
             {
                 "command": ["python", "benchmarks/distillation_table.py", *argv],
-                "commit": commit(),
+                "commit": measured_at,
                 "teachers": [{"final": t["final"], "minutes": t["minutes"]} for t in teachers],
                 "students": {
                     k: [{"final": s["final"], "minutes": s["minutes"]} for s in v] for k, v in summaries.items()
@@ -339,13 +341,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
+    measured_at = commit()  # read once: commits made while the table trains do not change the code it runs
     teachers: list[dict] = []
     summaries: dict[str, list[dict]] = {}
     for seed in range(args.teacher_seeds if args.teacher_seeds else 1):
         logging.info("teacher seed %d", seed)
         config = teacher_config(args, seed)
         teachers.append(train_or_read(config, Path(config.run.output_dir)))
-        write_table(args, argv, summaries, teachers, started)
+        write_table(args, argv, summaries, teachers, started, measured_at)
         if seed == 0:  # the students need only teacher seed 0: train them before the other teachers
             teacher = Path(config.run.output_dir) / "checkpoint.pth"
             for student_seed in range(args.seeds):
@@ -355,8 +358,8 @@ def main(argv: list[str]) -> int:
                     logging.info("student seed %d: %s", student_seed, run.key)
                     config_s = student_config(args, run, student_seed, teacher)
                     summaries.setdefault(run.key, []).append(train_or_read(config_s, Path(config_s.run.output_dir)))
-                    write_table(args, argv, summaries, teachers, started)
-    print(write_table(args, argv, summaries, teachers, started))
+                    write_table(args, argv, summaries, teachers, started, measured_at)
+    print(write_table(args, argv, summaries, teachers, started, measured_at))
     return 0
 
 
