@@ -1,0 +1,36 @@
+"""The arithmetic of the benchmark scripts that judges a table's goals (the scripts themselves train for hours)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import distillation_table  # noqa: E402
+
+
+def history(curve: dict[int, float], epochs: int) -> list[dict]:
+    """A run's per-epoch records, with val top-1 at the epochs in ``curve``."""
+    return [{"epoch": e, **({"val": {"acc1": curve[e]}} if e in curve else {})} for e in range(1, epochs + 1)]
+
+
+def test_late_movement_reads_the_endpoints_of_the_last_fifth():
+    run = history({70: 50.0, 80: 60.0, 90: 61.0, 100: 60.5}, 100)
+    assert distillation_table.late_movement(run) == pytest.approx(0.5)  # 60.5 at epoch 100 - 60.0 at epoch 80
+
+
+def test_fitted_movement_reads_the_trend_under_the_noise():
+    # a 1-point rise over epochs 80-100 plus noise that sums to zero and is uncorrelated with the epoch
+    noise = {80: 0.3, 85: -0.6, 90: 0.0, 95: 0.6, 100: -0.3}
+    rising = history({e: 70.0 + 0.05 * (e - 80) + n for e, n in noise.items()}, 100)
+    assert distillation_table.late_movement(rising) == pytest.approx(0.4)  # the endpoints understate it
+    assert distillation_table.fitted_late_movement(rising) == pytest.approx(1.0)
+    flat = history({e: 70.0 + n for e, n in noise.items()}, 100)
+    assert distillation_table.late_movement(flat) == pytest.approx(-0.6)  # and call a flat curve falling
+    assert distillation_table.fitted_late_movement(flat) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fitted_movement_needs_three_evaluations():
+    assert distillation_table.fitted_late_movement(history({80: 1.0, 100: 2.0}, 100)) is None
+    assert distillation_table._movement(history({80: 1.0, 100: 2.0}, 100)) == "+1.00"
