@@ -84,4 +84,5 @@ def test_the_share_of_the_matmul_peak_counts_a_training_step_as_about_three_forw
     peak = 2 * 2048**3 / 0.5 / 1e9  # what the patched timer makes of the 2048² matmul
     assert training.peak_share == pytest.approx(training.gflop_per_image * 8 / 0.5 / peak)
     assert (inference.attention, training.attention) == ("sdpa", "math")
+    assert measure_throughput("deit_pico_patch4_28", dtype="bf16", **model).attention == "math"  # train's auto
     assert measure_throughput("resnet10t", **model).attention is None

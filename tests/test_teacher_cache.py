@@ -112,7 +112,8 @@ def test_the_cache_serves_the_papers_augmentations(teacher_file):
 
 def test_compiled_student_and_channels_last_teacher_train_as_the_plain_ones(teacher_file):
     """torch.compile (its eager backend here, to stay fast) and a channels-last teacher change no result."""
-    plain = fit(cached_config(teacher_file, None, **{"optim.epochs": 1, "distill.teacher_cache_views": None}))
+    plain_levers = {"optim.epochs": 1, "distill.teacher_cache_views": None, "distill.teacher_channels_last": False}
+    plain = fit(cached_config(teacher_file, None, **plain_levers))
     levers = {"optim.epochs": 1, "distill.teacher_cache_views": None, "run.compile": "eager"}
     fast = fit(cached_config(teacher_file, None, **levers, **{"distill.teacher_channels_last": True}))
     assert fast.history[0]["train"]["loss"] == pytest.approx(plain.history[0]["train"]["loss"], rel=1e-5)

@@ -18,7 +18,9 @@ from conftest import needs_fashion_mnist
 from deit.analysis import figures
 from deit.checkpoint import FORMAT, Checkpoint, CheckpointError, load_checkpoint, model_from_checkpoint
 from deit.config import TrainConfig, load_config, with_overrides
+from deit.engine import Precision
 from deit.evaluation import evaluate_checkpoint
+from deit.run import attention_kernel, build_run
 from deit.training import RunError, fit
 
 pytestmark = needs_fashion_mnist
@@ -255,3 +257,23 @@ def test_the_demo_prints_the_table_of_a_teacher_and_three_students(tmp_path):
     assert "--config fashion_mnist_data_limited --model deit_nano_patch7_28" in saved["rows"][1]["command"]
     again = run_demo(settings)  # every run is there: read back, not retrained
     assert [row["acc1"] for row in again.rows] == [row["acc1"] for row in report.rows]
+
+
+@pytest.mark.parametrize(("amp", "kernel", "other"), [("bf16", "math", "sdpa"), ("none", "sdpa", "math")])
+def test_auto_attention_is_explicit_under_bf16_on_cpu_and_the_model_spec_records_the_kernel(amp, kernel, other):
+    run = build_run(tiny_config(None, **{"run.amp": amp, "run.device": "cpu"}))
+    assert run.spec.options["attn_impl"] == kernel  # the spec is what checkpoints store
+    assert {block.attn.impl for block in run.model.blocks} == {kernel}
+    named = build_run(tiny_config(None, **{"run.amp": amp, "run.device": "cpu", "model.attn_impl": other}))
+    assert named.model.blocks[0].attn.impl == other  # a kernel named in the config is kept
+    assert attention_kernel("auto", Precision("cuda", torch.bfloat16)) == "sdpa"
+
+
+def test_a_checkpoint_records_the_resolved_kernel_and_auto_resumes_it(first_run, tmp_path):
+    folder = copy_run(first_run, tmp_path)
+    assert Checkpoint.load(folder / "checkpoint.pth").model_spec.options["attn_impl"] == "sdpa"  # not "auto"
+    named = tiny_config(folder, **{"model.attn_impl": "sdpa", "optim.epochs": 3, "run.resume": "auto"})
+    assert fit(named).history[-1]["epoch"] == 3  # the config names what "auto" resolved to: the same run
+    other = tiny_config(folder, **{"model.attn_impl": "math", "optim.epochs": 4, "run.resume": "auto"})
+    with pytest.raises(CheckpointError, match="attention kernel: 'sdpa' -> 'math'"):
+        fit(other)

@@ -26,7 +26,7 @@ from deit.engine import Precision, StepParts, train_steps
 from deit.errors import DeitError
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model
-from deit.run import resolve_device
+from deit.run import attention_kernel, resolve_device
 
 DTYPES = ("fp32", "bf16", "fp16")
 CPU_AUTO_BATCH_LIMIT = 256  # on CPU nothing runs out of memory first: "auto" stops here
@@ -129,13 +129,15 @@ def measure_throughput(
 ) -> Throughput:
     """Throughput of ``name`` (any deit or timm model) on random images of ``batch_size`` x ``input_size``².
 
-    ``attn_impl`` picks our DeiT models' attention kernel. With ``peak``, the
+    ``attn_impl`` picks our DeiT models' attention kernel (default: as `deit train`'s
+    ``auto`` would, for this dtype and device). With ``peak``, the
     step's floating-point work is counted and set against a measured matmul
     peak of the same dtype on the same device.
     """
     torch_device = resolve_device(device)
     precision = _precision(dtype, torch_device)
-    options = {"attn_impl": attn_impl} if attn_impl and is_deit_model(name) else {}
+    kernel = attention_kernel(attn_impl or "auto", precision)  # as `deit train` would pick it
+    options = {"attn_impl": kernel} if is_deit_model(name) else {}
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=input_size, **options)
     model = model.to(torch_device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -148,37 +150,45 @@ def measure_throughput(
     labels = torch.randint(0, num_classes, (batch_size,), device=torch_device)
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
+
+    def timed(step: Callable[[], None]) -> float:
+        return _timed(step, torch_device, warmup, iters, repeats)
+
+    share = None
     if not train:
         model.eval()
 
-        def infer() -> None:
+        def step() -> None:
             with torch.inference_mode(), precision.autocast():
                 runnable(images)
 
-        step, mode, share = infer, "inference", None
-        seconds = _timed(step, torch_device, warmup, iters, repeats)
+        mode, seconds = "inference", timed(step)
     else:
         model.train()
         step = _train_step(runnable, None, precision, images, labels)
-        seconds = _timed(step, torch_device, warmup, iters, repeats)
-        mode, share = "train", None
-        if teacher_model is not None:
+        mode, seconds = "train", timed(step)
+        if teacher_model is not None:  # timed after the student alone, to report the teacher's share
             alone = seconds
             step = _train_step(runnable, teacher_model, precision, images, labels)
-            seconds = _timed(step, torch_device, warmup, iters, repeats)
-            mode, share = f"train + teacher {teacher}", max(0.0, 1 - alone / seconds)
+            mode, seconds = f"train + teacher {teacher}", timed(step)
+            share = max(0.0, 1 - alone / seconds)
     memory = _peak_memory_mb(torch_device)
     gflop = peak_share = None
     if peak:
-        with FlopCounterMode(display=False) as counter:
-            step()
-        gflop = counter.get_total_flops() / 1e9 / batch_size
+        gflop = _gflop_per_call(step) / batch_size
         peak_share = gflop * batch_size / seconds / matmul_peak_gflops(dtype, torch_device)
-    attention = (attn_impl or model.config.attn_impl) if isinstance(model, VisionTransformer) else None
+    attention = kernel if isinstance(model, VisionTransformer) else None
     return Throughput(
         name, params, input_size, batch_size, dtype, compile, mode, batch_size / seconds, memory, share, attention,
         gflop, peak_share,
     )  # fmt: skip
+
+
+def _gflop_per_call(step: Callable[[], None]) -> float:
+    """Floating-point work of one call of ``step`` as torch's FLOP counter counts it (matmuls, convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
 
 
 def matmul_peak_gflops(dtype: str, device: torch.device, size: int = 2048) -> float:

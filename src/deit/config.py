@@ -22,7 +22,7 @@ class ModelConfig:
     name: str = "deit_nano_distilled_patch4_28"  # a deit variant (`deit models`) or any timm model
     drop_path: float = 0.1  # stochastic depth probability at the last block (linear from 0)
     dropout: float = 0.0  # dropout on projections; the paper uses none
-    attn_impl: str = "sdpa"  # "sdpa" (fused) or "math" (faster on CPU under bf16)
+    attn_impl: str = "auto"  # "sdpa" (fused), "math" (explicit), auto: math on CPU under bf16, where it is faster
     eval_output: str = "avg_logits"  # distilled models: avg_logits | softmax_sum | cls | dist
     finetune: str | None = None  # start from these weights (ours, official .pth, timm); resized to the input size
     init: str | None = None  # start from the backbone of a deit pretrain / train checkpoint; heads fresh
@@ -92,7 +92,7 @@ class DistillConfig:
     teacher_pretrained: bool = False  # download timm's weights for teacher_model (needs the internet)
     teacher_cache_views: int | None = None  # reuse the teacher's logits on this many fixed views per image
     #                                           (without a teacher: cycle through that many fixed views all the same)
-    teacher_channels_last: bool = False  # run a CNN teacher in channels-last memory format (faster on CPU)
+    teacher_channels_last: bool = True  # the teacher's weights and inputs channels-last: faster convolutions
     pseudo_labels: str | None = None  # a `deit pseudo-label` file: stored predictions replace the online teacher
 
 
@@ -188,7 +188,7 @@ NON_NEGATIVE = Allowed(0)
 ALLOWED: dict[str, Allowed] = {
     "model.drop_path": Allowed(0, 1, high_open=True),
     "model.dropout": Allowed(0, 1, high_open=True),
-    "model.attn_impl": Allowed(choices=("sdpa", "math")),
+    "model.attn_impl": Allowed(choices=("auto", "sdpa", "math")),
     "model.eval_output": Allowed(choices=("avg_logits", "softmax_sum", "cls", "dist")),
     "data.input_size": Allowed(8),
     "data.in_chans": Allowed(choices=(1, 3)),

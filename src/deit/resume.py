@@ -35,8 +35,11 @@ def resume_source(config: TrainConfig, out: Path | None) -> Path | str | None:
     return config.run.resume
 
 
-# settings a resumed run may change: they do not change what is computed (run.* may change too)
-RESUMABLE_CHANGES = {("optim", "epochs"), ("data", "num_workers")}
+# settings a resumed run may change (run.* may change too): they do not change what is computed, or the teacher's
+# memory format only at rounding level. The attention kernel is compared as the run resolved it (its model spec),
+# so that "auto" resumes a run that named the kernel it resolves to.
+RESUMABLE_CHANGES = {("optim", "epochs"), ("data", "num_workers"), ("distill", "teacher_channels_last"),
+                     ("model", "attn_impl")}  # fmt: skip
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -93,6 +96,9 @@ def _check_same_run(run: Run, checkpoint: Checkpoint, path: Path | str) -> None:
             f"{path} holds another model ({theirs}) than this run builds ({ours}); nothing was loaded"
         )
     changed = changed_settings(checkpoint.config, config_to_dict(run.config))
+    kernels = checkpoint.model_spec.options.get("attn_impl"), run.spec.options.get("attn_impl")
+    if kernels[0] != kernels[1]:
+        changed.append(f"attention kernel: {kernels[0]!r} -> {kernels[1]!r}")
     if changed:
         raise CheckpointError(
             f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume it with its own settings "

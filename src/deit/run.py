@@ -57,17 +57,29 @@ def resolve_device(name: str, layout: Distributed | None = None) -> torch.device
     return device
 
 
-def model_options(config: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments for ``create_model`` from the model section."""
+def attention_kernel(requested: str, precision: Precision | None) -> str:
+    """``auto`` is explicit attention on CPU under bf16, where it ran faster than fused SDPA (docs/speed.md),
+    and fused SDPA everywhere else."""
+    if requested != "auto":
+        return requested
+    cpu_bf16 = precision is not None and precision.device_type == "cpu" and precision.dtype == torch.bfloat16
+    return "math" if cpu_bf16 else "sdpa"
+
+
+def model_options(config: ModelConfig, precision: Precision | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``create_model`` from the model section, for a run in ``precision``.
+
+    Without a precision (a model built outside a run), ``auto`` attention is fused SDPA.
+    """
     options: dict[str, Any] = {"drop_path_rate": config.drop_path, "drop_rate": config.dropout}
     if is_deit_model(config.name):
-        options.update(attn_impl=config.attn_impl, eval_output=config.eval_output)
+        options.update(attn_impl=attention_kernel(config.attn_impl, precision), eval_output=config.eval_output)
     return options
 
 
-def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int) -> ModelSpec:
-    """Everything needed to rebuild the model from a checkpoint."""
-    return ModelSpec(config.name, info.num_classes, info.in_chans, input_size, model_options(config))
+def model_spec(config: ModelConfig, info: DatasetInfo, input_size: int, precision: Precision) -> ModelSpec:
+    """Everything needed to rebuild the model from a checkpoint (the attention kernel resolved)."""
+    return ModelSpec(config.name, info.num_classes, info.in_chans, input_size, model_options(config, precision))
 
 
 def _build_teacher(config: TrainConfig, data: DataBundle) -> Teacher | PseudoLabelTeacher | None:
@@ -318,7 +330,7 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
     if data.info.name == "unlabeled" and not config.pretrain.method:
         raise RunError(f"{config.data.path} holds images without labels: pretrain on them with `deit pretrain`, "
                        "or lay them out as train/<class>/ and val/<class>/ to train a classifier")  # fmt: skip
-    spec = model_spec(config.model, data.info, data.input_size)
+    spec = model_spec(config.model, data.info, data.input_size, precision)
     model = _build_student(spec, config.model).to(device)
     if config.pretrain.method:
         model, data = _self_supervised(model, spec, config, data, layout)

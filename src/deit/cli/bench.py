@@ -26,7 +26,10 @@ def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--train", action="store_true", help="a training step instead of inference")
     parser.add_argument("--teacher", help="with --train: also run this frozen teacher in each step")
-    parser.add_argument("--attn-impl", choices=("sdpa", "math"), help="our DeiT models' attention kernel")
+    parser.add_argument(
+        "--attn-impl", choices=("auto", "sdpa", "math"),
+        help="our DeiT models' attention kernel (default auto: math on CPU under bf16, else sdpa)",
+    )  # fmt: skip
     parser.add_argument("--peak", action="store_true", help="count each step's GFLOP and report the share of the "
                         "measured matmul peak of its dtype")  # fmt: skip
     parser.add_argument("--device", default="auto")

@@ -25,7 +25,7 @@ TRAIN_FLAGS: list[tuple[str, str, object, str]] = [
     ("--init", "model.init", str, "start from the backbone of a `deit pretrain` (or train) checkpoint, heads fresh"),
     ("--drop-path", "model.drop_path", float, "stochastic depth rate"),
     ("--drop", "model.dropout", float, "dropout rate"),
-    ("--attn-impl", "model.attn_impl", str, "attention kernel: sdpa or math (faster on CPU under bf16)"),
+    ("--attn-impl", "model.attn_impl", str, "attention kernel: sdpa, math, auto (math on CPU under bf16, else sdpa)"),
     (
         "--eval-output",
         "model.eval_output",
@@ -140,7 +140,8 @@ TRAIN_SWITCHES = [
     ("--download", "data.download", True, "download Fashion-MNIST / CIFAR if missing"),
     ("--no-progress", "run.progress", False, "no progress bar"),
     ("--compile", "run.compile", "inductor", "torch.compile the student and the teacher (inductor backend)"),
-    ("--teacher-channels-last", "distill.teacher_channels_last", True, "run a CNN teacher in channels-last format"),
+    ("--teacher-channels-last", "distill.teacher_channels_last", True, "teacher in channels-last format (default)"),
+    ("--no-teacher-channels-last", "distill.teacher_channels_last", False, "keep the teacher's memory format"),
     ("--no-eval-teacher", "run.eval_teacher", False, "skip the teacher's own evaluation"),
 ]
 

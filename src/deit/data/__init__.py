@@ -127,14 +127,12 @@ def build_data(
     batch_transform = None
     if batched and _can_batch(train_set, size, rand_augment):
         # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
-        images, labels = _in_memory(train_set)
-        policy = RandAugmentPolicy.parse(rand_augment) if rand_augment else None
         batch_transform = BatchAugment(
             info.mean, info.std, padding=max(1, size // 8), hflip=hflip, random_erasing=random_erasing,
-            rand_augment=BatchRandAugment(policy, tuple(round(255 * m) for m in info.mean)) if policy else None,
+            rand_augment=_batch_rand_augment(rand_augment, info),
         )  # fmt: skip
         train_loader = DataLoader(
-            InMemoryBatches(images, labels), batch_size=batch_size, sampler=sampler, drop_last=True,
+            InMemoryBatches(*_in_memory(train_set)), batch_size=batch_size, sampler=sampler, drop_last=True,
             collate_fn=whole_batch, num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
         )  # fmt: skip
@@ -145,6 +143,13 @@ def build_data(
     val_sampler = ShardSampler(len(val_set), num_replicas=num_replicas, rank=rank)
     val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, val_sampler, workers=num_workers, pin=pin_memory)
     return DataBundle(train_loader, sampler, val_loader, info, size, batch_transform)
+
+
+def _batch_rand_augment(policy: str | None, info: DatasetInfo) -> BatchRandAugment | None:
+    """timm's RandAugment ``policy`` for whole uint8 batches, filling with the data set's mean colour."""
+    if not policy:
+        return None
+    return BatchRandAugment(RandAugmentPolicy.parse(policy), tuple(round(255 * m) for m in info.mean))
 
 
 def _train_sampler(

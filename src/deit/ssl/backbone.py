@@ -19,10 +19,8 @@ class Backbone(nn.Module):
         if isinstance(model, VisionTransformer | SmallResNet):
             # the heads stay in the state dict (checkpoints keep the model's layout) but take no part: frozen, so
             # that DistributedDataParallel does not wait for their gradients
-            heads = [model.head, model.head_dist] if isinstance(model, VisionTransformer) else [model.fc]
-            for head in heads:
-                if head is not None:
-                    head.requires_grad_(False)
+            for head in classifier_heads(model):
+                head.requires_grad_(False)
         else:
             model.reset_classifier(0)  # timm: the model now returns its pooled features
         self.model = model
@@ -39,6 +37,15 @@ class Backbone(nn.Module):
         if isinstance(self.model, SmallResNet):
             return self.model.forward_features(images)
         return self.model(images)
+
+
+def classifier_heads(model: nn.Module) -> list[nn.Module]:
+    """The layers that turn ``model``'s features into class logits: what pretraining never trains."""
+    if isinstance(model, VisionTransformer):
+        return [head for head in (model.head, model.head_dist) if head is not None]
+    if isinstance(model, SmallResNet):
+        return [model.fc]
+    return [model.get_classifier()]  # timm
 
 
 def build_backbone(name: str, *, in_chans: int, img_size: int, **options: Any) -> Backbone:

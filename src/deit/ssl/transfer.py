@@ -25,9 +25,8 @@ from torch import nn
 from deit.checkpoint import Checkpoint, ModelSpec
 from deit.errors import ModelError
 from deit.models import VisionTransformer
-from deit.models.cnn import SmallResNet
 from deit.models.pos_embed import adapt_state_dict
-from deit.ssl.backbone import Backbone
+from deit.ssl.backbone import Backbone, classifier_heads
 from deit.ssl.cmc import SECOND_VIEW_CHANNELS, TwoEncoders, ViewSplit
 
 log = logging.getLogger("deit")
@@ -57,13 +56,7 @@ def backbone_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
 
 def head_keys(model: nn.Module) -> set[str]:
     """State-dict keys of ``model``'s classification heads: what a pretrained backbone never provides."""
-    if isinstance(model, VisionTransformer):
-        prefixes = ("head.", "head_dist.")
-        return {key for key in model.state_dict() if key.startswith(prefixes)}
-    if isinstance(model, SmallResNet):
-        return {key for key in model.state_dict() if key.startswith("fc.")}
-    classifier = model.get_classifier()  # timm
-    owned = {id(tensor) for tensor in classifier.state_dict(keep_vars=True).values()}
+    owned = {id(tensor) for head in classifier_heads(model) for tensor in head.state_dict(keep_vars=True).values()}
     return {key for key, tensor in model.state_dict(keep_vars=True).items() if id(tensor) in owned}
 
 
