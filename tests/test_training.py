@@ -271,9 +271,12 @@ def test_auto_attention_is_explicit_under_bf16_on_cpu_and_the_model_spec_records
 
 def test_a_checkpoint_records_the_resolved_kernel_and_auto_resumes_it(first_run, tmp_path):
     folder = copy_run(first_run, tmp_path)
-    assert Checkpoint.load(folder / "checkpoint.pth").model_spec.options["attn_impl"] == "sdpa"  # not "auto"
-    named = tiny_config(folder, **{"model.attn_impl": "sdpa", "optim.epochs": 3, "run.resume": "auto"})
+    # the default precision is auto: bf16 on a CPU that computes it natively (then explicit attention), else fp32
+    resolved = attention_kernel("auto", Precision.resolve("auto", torch.device("cpu")))
+    other = {"sdpa": "math", "math": "sdpa"}[resolved]
+    assert Checkpoint.load(folder / "checkpoint.pth").model_spec.options["attn_impl"] == resolved  # not "auto"
+    named = tiny_config(folder, **{"model.attn_impl": resolved, "optim.epochs": 3, "run.resume": "auto"})
     assert fit(named).history[-1]["epoch"] == 3  # the config names what "auto" resolved to: the same run
-    other = tiny_config(folder, **{"model.attn_impl": "math", "optim.epochs": 4, "run.resume": "auto"})
-    with pytest.raises(CheckpointError, match="attention kernel: 'sdpa' -> 'math'"):
-        fit(other)
+    changed = tiny_config(folder, **{"model.attn_impl": other, "optim.epochs": 4, "run.resume": "auto"})
+    with pytest.raises(CheckpointError, match=f"attention kernel: '{resolved}' -> '{other}'"):
+        fit(changed)

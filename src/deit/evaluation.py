@@ -16,13 +16,19 @@ def evaluate_checkpoint(
     data_path: str | None = None,
     batch_size: int = 256,
     device: str = "auto",
-    amp: str = "none",
+    amp: str | None = None,
     eval_output: str | None = None,
     use_ema: bool = False,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Validation metrics of every head of a ``deit train`` checkpoint (or of its EMA weights)."""
+    """Validation metrics of every head of a ``deit train`` checkpoint (or of its EMA weights).
+
+    ``amp`` None evaluates in the precision the checkpoint's run used (``auto`` for weights from elsewhere), so
+    the numbers match the run's own log on the same kind of hardware.
+    """
     saved = Checkpoint.load(checkpoint)
+    if amp is None:
+        amp = saved.config.get("run", {}).get("amp", "auto")
     model = saved.build_model(use_ema=use_ema, **({"eval_output": eval_output} if eval_output else {}))
     torch_device = resolve_device(device)
     loader, _ = saved.eval_data(dataset=dataset, data_path=data_path, batch_size=batch_size)

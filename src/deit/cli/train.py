@@ -219,7 +219,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-path", help="default: the checkpoint's data path")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="none", help="none, bf16, fp16")
+    parser.add_argument(
+        "--amp", help="none, bf16, fp16 or auto (default: the precision the checkpoint's run trained with)"
+    )
     parser.add_argument(
         "--eval-output", choices=EVAL_OUTPUTS, help="prediction of a distilled model (default: as trained)"
     )
