@@ -24,6 +24,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +40,29 @@ TABLE_BUDGET = [
     "--random-erasing", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--eval-interval", "10",
 ]  # fmt: skip
 METRIC = {"token": "avg_logits_acc1"}  # class + distillation for the distilled student, top-1 for the others
+
+
+@dataclass(frozen=True)
+class PairedVerdict:
+    """bf16 − fp32 top-1 differences paired by seed, and whether bf16 is lower.
+
+    The subset and augmentation each seed draws move both arms alike, so the differences' own spread is the
+    noise. bf16 is lower only if even the mean + 2 standard errors stays below zero.
+    """
+
+    mean: float
+    error: float  # standard error of the mean difference
+    upper: float  # mean + 2 standard errors
+    lower: bool
+
+    @classmethod
+    def of(cls, differences: list[float]) -> PairedVerdict | None:
+        """None with fewer than 2 pairs: one difference has no spread to judge it by."""
+        if len(differences) < 2:
+            return None
+        mean = statistics.mean(differences)
+        error = statistics.stdev(differences) / len(differences) ** 0.5
+        return cls(mean, error, mean + 2 * error, mean + 2 * error < 0)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -117,17 +141,13 @@ def write_report(own, budget, argv, results, measured_at: str, started: float) -
         metric = METRIC.get(key, "acc1")
         differences = [b["final"][metric] - f["final"][metric] for b, f in pairs]
         speedup = statistics.mean(f["minutes"] / b["minutes"] for b, f in pairs)
-        error = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) >= 2 else None
+        verdict = PairedVerdict.of(differences)
         lines.append(f"| {key} | {', '.join(f'{d:+.2f}' for d in differences)} | {mean_std(differences)} | "
-                     f"{'' if error is None else f'{error:.2f}'} | {speedup:.2f}× |")  # fmt: skip
-        if error is not None:
-            # paired by seed: the subset each seed draws moves both arms alike, so the differences' own spread
-            # is the noise; bf16 is lower only if even mean + 2 standard errors stays below zero
-            lower = statistics.mean(differences) + 2 * error < 0
+                     f"{'' if verdict is None else f'{verdict.error:.2f}'} | {speedup:.2f}× |")  # fmt: skip
+        if verdict is not None:
             verdicts.append(
-                f"- {key}: bf16 is {'**lower**' if lower else '**not lower**'} than fp32 (mean difference "
-                f"{statistics.mean(differences):+.2f}, + 2 standard errors "
-                f"{statistics.mean(differences) + 2 * error:+.2f}; lower means below 0)"
+                f"- {key}: bf16 is {'**lower**' if verdict.lower else '**not lower**'} than fp32 (mean difference "
+                f"{verdict.mean:+.2f}, + 2 standard errors {verdict.upper:+.2f}; lower means below 0)"
             )
     lines += ["", "## Verdict", "", *(verdicts or ["- not judged yet: fewer than 2 seeds of both precisions"])]
     text = "\n".join(lines) + "\n"

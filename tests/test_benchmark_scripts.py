@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import distillation_table  # noqa: E402
+import precision_check  # noqa: E402
 
 
 def history(curve: dict[int, float], epochs: int) -> list[dict]:
@@ -34,3 +35,19 @@ def test_fitted_movement_reads_the_trend_under_the_noise():
 def test_fitted_movement_needs_three_evaluations():
     assert distillation_table.fitted_late_movement(history({80: 1.0, 100: 2.0}, 100)) is None
     assert distillation_table._movement(history({80: 1.0, 100: 2.0}, 100)) == "+1.00"
+
+
+def test_paired_verdict_calls_bf16_lower_only_when_the_whole_margin_is_below_zero():
+    # the committed check's differences: +0.11 mean, standard error 0.15, so + 2 errors stays above zero
+    measured = precision_check.PairedVerdict.of([0.26, -0.04])
+    assert measured.mean == pytest.approx(0.11) and measured.error == pytest.approx(0.15)
+    assert not measured.lower
+    # consistently about a point lower on every seed: lower, even though one seed alone would not say so
+    assert precision_check.PairedVerdict.of([-1.1, -0.9, -1.0]).lower
+    # a large mean drop with seeds that disagree is not called lower: the margin reaches above zero
+    noisy = precision_check.PairedVerdict.of([-3.0, 1.0])
+    assert noisy.mean == pytest.approx(-1.0) and noisy.upper > 0 and not noisy.lower
+
+
+def test_paired_verdict_needs_two_seeds():
+    assert precision_check.PairedVerdict.of([-2.0]) is None
