@@ -284,7 +284,7 @@ def block_rows(block: str, args, teacher: Path, state: dict) -> dict[str, Callab
         for w in args.reference_workers
     }
     rows["ours"] = lambda: Ours(our_config(teacher, recipe, folder, 1, 0))
-    if source == "memory" and not args.no_compile and recipe == "light":
+    if source == "memory" and not args.no_compile:
         rows["ours + torch.compile"] = lambda: Ours(
             our_config(teacher, recipe, None, 1, 0, **{"run.compile": "inductor"})
         )

@@ -119,3 +119,12 @@ def test_compiled_student_and_channels_last_teacher_train_as_the_plain_ones(teac
     assert fast.history[0]["train"]["loss"] == pytest.approx(plain.history[0]["train"]["loss"], rel=1e-5)
     for name, value in plain.model.state_dict().items():
         assert torch.allclose(value, fast.model.state_dict()[name], atol=1e-5), name
+
+
+def test_a_teacher_compiled_with_freezing_gives_the_eager_teachers_logits(teacher_file):
+    """--compile with inductor folds the frozen teacher's weights in as constants; its answers must not change."""
+    online = {"distill.teacher_cache_views": None, "run.amp": "none"}  # fp32: the two can agree to 1e-4
+    eager = build_run(cached_config(teacher_file, None, **online))
+    compiled = build_run(cached_config(teacher_file, None, **online, **{"run.compile": "inductor"}))
+    images = torch.randn(8, 1, 28, 28)
+    assert torch.allclose(compiled.teacher(images), eager.teacher(images), atol=1e-4)
