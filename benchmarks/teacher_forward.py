@@ -26,16 +26,23 @@ from distillation_table import commit
 from torch import nn
 
 
-def milliseconds(forward: Callable[[], torch.Tensor], repeats: int, warmup: int = 5) -> float:
-    """Median milliseconds of one call, after ``warmup`` calls."""
-    for _ in range(warmup):
-        forward()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+def interleaved_milliseconds(
+    calls: dict[str, Callable[[], torch.Tensor]], rounds: int, per_round: int = 5
+) -> dict[str, float]:
+    """Median milliseconds of one call of each, over ``rounds`` rounds that take every call in turn.
+
+    This machine's speed drifts by tens of percent within a minute; timing the ways one after another would
+    measure the drift, so each round times every way once, back to back, after a warm-up call.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            call()  # warm-up: caches, allocator, oneDNN's primitive for this shape
+            for _ in range(per_round):
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(seconds) for name, seconds in times.items()}
 
 
 def ways(model: nn.Module, images: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -78,7 +85,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--input-size", type=int, default=28)
     parser.add_argument("--in-chans", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of 5 timed calls of every way")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/teacher_forward.md"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -89,7 +96,7 @@ def main(argv: list[str]) -> int:
         started = time.perf_counter()
         calls["bf16 autocast, channels-last, compiled with freezing (--compile)"]()
         compile_seconds = time.perf_counter() - started
-        results = {name: milliseconds(call, args.repeats) for name, call in calls.items()}
+        results = interleaved_milliseconds(calls, args.rounds)
     baseline = results["bf16 autocast, channels-last (deit train's default)"]
     lines = [
         f"# The frozen teacher's forward pass: {args.model}, batch {args.batch_size} at {args.input_size} px",
@@ -97,7 +104,8 @@ def main(argv: list[str]) -> int:
         f"Command: `{' '.join(['python benchmarks/teacher_forward.py', *argv])}`",
         "",
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, measured at commit {commit()}. Median "
-        f"milliseconds of {args.repeats} forward passes after 5; compiling took {compile_seconds:.0f} s (once).",
+        f"milliseconds of a forward pass over {args.rounds} rounds that time every way 5 times in turn (the "
+        f"machine's speed drifts); compiling took {compile_seconds:.0f} s (once).",
         "",
         "| teacher run as | ms per batch | × deit train's default |",
         "|---|---:|---:|",
