@@ -340,7 +340,7 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
             teacher.channels_last()
         if config.run.compile:
             # the teacher is frozen, so inductor may fold its weights in as constants and prepack them for
-            # oneDNN ("freezing"): its ResNet-18 forward took 45 -> 33 ms a batch on CPU here (docs/speed.md)
+            # oneDNN ("freezing"); a small gain on CPU here (benchmarks/results/teacher_forward.md)
             options = {"freezing": True} if config.run.compile == "inductor" else None
             teacher.model = torch.compile(teacher.model, backend=config.run.compile, options=options)
         if config.distill.teacher_cache_views:
