@@ -102,6 +102,27 @@ def png_folder(work: Path) -> Path:
     return root
 
 
+def folder_order_teacher(teacher: Path, folder: Path, work: Path) -> tuple[Path, dict]:
+    """The teacher with its classes in the folder's order: a checkpoint file, and its weights.
+
+    An image folder numbers its classes alphabetically ("Ankle boot" first), Fashion-MNIST by its own list
+    ("T-shirt/top" first), and `deit train` refuses a teacher whose classes come in another order. Permuting
+    the classifier's rows (and the checkpoint's class names) gives the same teacher, answering in the
+    folder's order, for both pipelines.
+    """
+    from deit.checkpoint import load_checkpoint
+
+    state = load_checkpoint(teacher)
+    names = sorted(path.name for path in (folder / "train").iterdir() if path.is_dir())
+    order = [[name.replace("/", "-") for name in FASHION_MNIST_CLASSES].index(name) for name in names]
+    weights = dict(state["model"])
+    weights["fc.weight"], weights["fc.bias"] = weights["fc.weight"][order], weights["fc.bias"][order]
+    state = {**state, "model": weights, "data": {**state["data"], "class_names": names, "dataset": "imagefolder"}}
+    path = work / "teacher_folder_order.pth"
+    torch.save(state, path)
+    return path, weights
+
+
 # --- the reference pipeline -----------------------------------------------------------------------------------
 
 
@@ -279,6 +300,8 @@ def block_rows(block: str, args, teacher: Path, state: dict) -> dict[str, Callab
     """Name -> builder of every pipeline compared in ``block`` (``recipe/source``)."""
     recipe, source = block.split("/")
     folder = png_folder(args.work_dir) if source == "folder" else None
+    if folder is not None:
+        teacher, state = folder_order_teacher(teacher, folder, args.work_dir)
     rows: dict[str, Callable] = {
         f"reference, {w} loader workers": (lambda w=w: Reference.build(state, RECIPES[recipe], folder, w, 0))
         for w in args.reference_workers
