@@ -249,7 +249,11 @@ LEVERS = {
         "channels-last teacher": {"distill.teacher_channels_last": False},
     },
 }
-FOLDER_LEVERS = {"decode-once": {"data.decode_budget_gb": 0.0, "data.num_workers": 2}}
+STREAMED = {"data.decode_budget_gb": 0.0, "data.num_workers": 2}  # each file read and decoded in a loader worker
+FOLDER_LEVERS = {  # per recipe: the teacher cache (light recipe) needs the decoded images in memory
+    "light": {"decode-once (and so the teacher cache)": {**STREAMED, "distill.teacher_cache_views": None}},
+    "paper": {"decode-once": STREAMED},
+}
 
 
 def our_config(teacher: Path, recipe: str, folder: Path | None, epochs: int, seed: int, **overrides) -> TrainConfig:
@@ -311,7 +315,7 @@ def block_rows(block: str, args, teacher: Path, state: dict) -> dict[str, Callab
         rows["ours + torch.compile"] = lambda: Ours(
             our_config(teacher, recipe, None, 1, 0, **{"run.compile": "inductor"})
         )
-    levers = LEVERS[recipe] if source == "memory" else FOLDER_LEVERS
+    levers = (LEVERS if source == "memory" else FOLDER_LEVERS)[recipe]
     for lever, off in levers.items():
         rows[f"ours without {lever}"] = lambda off=off: Ours(our_config(teacher, recipe, folder, 1, 0, **off))
     return rows
