@@ -50,6 +50,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from distillation_table import commit
 from PIL import Image
 from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset
@@ -433,6 +434,8 @@ def report(args, blocks: dict[str, dict], rss: dict, peaks: dict, runs: dict) ->
         "",
         f"Command: `{' '.join(['python benchmarks/pipeline_speed.py', *args.argv])}`",
         "",
+        f"Measured at commit {args.measured_at}.",
+        "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"measured matmul peak {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} GFLOP/s bf16 (2048² matmul).",
         f"Student: distilled ViT, width 128, depth 6, 4 heads, 7 px patches (1.2 M parameters); teacher: ResNet-18; "
@@ -497,7 +500,7 @@ def main() -> None:
     parser.add_argument("--rss-row", nargs=2, metavar=("BLOCK", "ROW"), help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/pipeline_speed.md"))
     args = parser.parse_args()
-    args.argv = sys.argv[1:]
+    args.argv, args.measured_at = sys.argv[1:], commit()  # at the start: commits made while it runs do not count
     if args.rss_row:
         run_one_row(*args.rss_row, args)
         return
