@@ -18,7 +18,7 @@ Then ``deit benchmark --train --peak`` on DeiT-S at 224 px in bf16 and fp32
 peak, and torch's profiler splits the bf16 step by operator: the matrix
 products, at what rate they run, and what else takes the time.
 
-    python benchmarks/profile_step.py                 # about 8 minutes on 2 cores
+    python benchmarks/profile_step.py                 # 3-8 minutes on 2 cores (compiling DeiT-S included)
     python benchmarks/profile_step.py --steps 5 --no-deit-small   # a quick look
 """
 
