@@ -32,7 +32,7 @@ def interleaved_milliseconds(
     """Median milliseconds of one call of each, over ``rounds`` rounds that take every call in turn.
 
     This machine's speed drifts by tens of percent within a minute; timing the ways one after another would
-    measure the drift, so each round times every way once, back to back, after a warm-up call.
+    measure the drift, so each round times every way in turn: a warm-up call, then ``per_round`` timed ones.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
