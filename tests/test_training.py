@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import deit.evaluation
 import deit.training
 from conftest import needs_fashion_mnist
 from deit.analysis import figures
@@ -267,6 +268,19 @@ def test_auto_attention_is_explicit_under_bf16_on_cpu_and_the_model_spec_records
     named = build_run(tiny_config(None, **{"run.amp": amp, "run.device": "cpu", "model.attn_impl": other}))
     assert named.model.blocks[0].attn.impl == other  # a kernel named in the config is kept
     assert attention_kernel("auto", Precision("cuda", torch.bfloat16)) == "sdpa"
+
+
+def test_evaluation_on_cpu_of_a_gpu_fp16_run_uses_this_machines_precision(first_run, tmp_path, monkeypatch):
+    folder = copy_run(first_run, tmp_path)
+    state = torch.load(folder / "checkpoint.pth", weights_only=True)
+    state["config"]["run"]["amp"] = "fp16"  # as a CUDA run would have written it
+    torch.save(state, folder / "checkpoint.pth")
+    resolved = []
+    monkeypatch.setattr(deit.evaluation.Precision, "resolve", lambda amp, device: resolved.append(amp) or None)
+    monkeypatch.setattr(deit.evaluation, "evaluate", lambda *args, **kwargs: {})
+    evaluate_checkpoint(folder / "checkpoint.pth", device="cpu", progress=False)
+    evaluate_checkpoint(folder / "checkpoint.pth", device="cpu", amp="none", progress=False)
+    assert resolved == ["auto", "none"]  # not CPU fp16 autocast; a precision asked for is kept
 
 
 def test_a_checkpoint_records_the_resolved_kernel_and_auto_resumes_it(first_run, tmp_path):

@@ -27,10 +27,12 @@ def evaluate_checkpoint(
     the numbers match the run's own log on the same kind of hardware.
     """
     saved = Checkpoint.load(checkpoint)
+    torch_device = resolve_device(device)
     if amp is None:
         amp = saved.config.get("run", {}).get("amp", "auto")
+        if amp == "fp16" and torch_device.type != "cuda":
+            amp = "auto"  # a GPU run's fp16 has no fast path elsewhere: bf16 where native, else fp32
     model = saved.build_model(use_ema=use_ema, **({"eval_output": eval_output} if eval_output else {}))
-    torch_device = resolve_device(device)
     loader, _ = saved.eval_data(dataset=dataset, data_path=data_path, batch_size=batch_size)
     return evaluate(
         model.to(torch_device),
