@@ -203,6 +203,20 @@ class Run:
         return {"logits": self.teacher.logits.cpu(), "filled": self.teacher.filled.cpu()}
 
 
+def _fast_teacher(teacher: Teacher, config: TrainConfig, data: DataBundle) -> Teacher | TeacherCache:
+    """The teacher network with the run's speed levers: channels-last, compiled, cached."""
+    if config.distill.teacher_channels_last:
+        teacher.channels_last()
+    if config.run.compile:
+        # the teacher is frozen, so inductor may fold its weights in as constants and prepack them for
+        # oneDNN ("freezing"); a small gain on CPU here (benchmarks/results/teacher_forward.md)
+        options = {"freezing": True} if config.run.compile == "inductor" else None
+        teacher.model = torch.compile(teacher.model, backend=config.run.compile, options=options)
+    if config.distill.teacher_cache_views:
+        return _cached(teacher, config, data)
+    return teacher
+
+
 def _cached(teacher: Teacher, config: TrainConfig, data: DataBundle) -> TeacherCache:
     """The teacher behind a cache of its logits per (image, view); see deit.teacher_cache for when it applies."""
     problems = []
@@ -336,15 +350,7 @@ def build_run(config: TrainConfig, layout: Distributed | None = None) -> Run:
         model, data = _self_supervised(model, spec, config, data, layout)
     teacher = _build_teacher(config, data)
     if isinstance(teacher, Teacher):  # a network (stored pseudo-labels need none of this)
-        if config.distill.teacher_channels_last:
-            teacher.channels_last()
-        if config.run.compile:
-            # the teacher is frozen, so inductor may fold its weights in as constants and prepack them for
-            # oneDNN ("freezing"); a small gain on CPU here (benchmarks/results/teacher_forward.md)
-            options = {"freezing": True} if config.run.compile == "inductor" else None
-            teacher.model = torch.compile(teacher.model, backend=config.run.compile, options=options)
-        if config.distill.teacher_cache_views:
-            teacher = _cached(teacher, config, data)
+        teacher = _fast_teacher(teacher, config, data)
     criterion = DistillationLoss(
         config.distill.type,
         alpha=config.distill.alpha,
