@@ -104,6 +104,10 @@ def add_student_budget(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha of the students (needs --views 0)")
     parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha of the students (needs --views 0)")
     parser.add_argument("--eval-interval", type=int, default=2, help="evaluate students every N epochs")
+    # a few thousand images make few steps per epoch (16 at 2,000 and batch 128): the preset's lr and warm-up
+    # were set for 60,000 images, so the regime may need its own, chosen by a pilot of the undistilled row
+    parser.add_argument("--lr", type=float, default=None, help="students' peak lr at batch 512 (default: preset's)")
+    parser.add_argument("--warmup-epochs", type=int, default=None, help="students' warm-up (default: preset's)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -150,6 +154,8 @@ def student_config(args: argparse.Namespace, run: Run, seed: int, teacher: Path)
         {
             **run.overrides,
             "optim.epochs": args.epochs,
+            **({"optim.lr": args.lr} if args.lr else {}),
+            **({"optim.warmup_epochs": args.warmup_epochs} if args.warmup_epochs is not None else {}),
             "data.train_subset": args.train_subset or None,
             "distill.teacher_path": str(teacher) if run.teacher_needed else None,
             # every row, the undistilled one too, cycles through the same fixed views of each image, so the
@@ -294,6 +300,7 @@ def write_table(
     student_values = {key: [s["final"]["avg_logits_acc1" if key == "token" else "acc1"] for s in runs]
                       for key, runs in summaries.items()}  # fmt: skip
     teacher_values = [t["final"]["acc1"] for t in teachers]
+    student_optim = student_config(args, RUNS[0], 0, Path()).optim
     lines = [
         "# The distillation table on Fashion-MNIST",
         "",
@@ -311,6 +318,7 @@ def write_table(
         )
         + f"; crop and flip, RandAugment {args.rand_augment or 'off'}, Random Erasing {args.random_erasing}, "
         f"Mixup {args.mixup}, CutMix {args.cutmix}; "
+        f"peak lr {student_optim.lr:g} at batch 512 after {student_optim.warmup_epochs:g} warm-up epoch(s); "
         f"evaluated every {args.eval_interval} epochs.",
         f"Measured at commit {measured_at} on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; this invocation took {(time.perf_counter() - started) / 60:.0f} min "

@@ -37,6 +37,14 @@ def test_fitted_movement_needs_three_evaluations():
     assert distillation_table._movement(history({80: 1.0, 100: 2.0}, 100)) == "+1.00"
 
 
+def test_student_lr_and_warmup_default_to_the_preset_and_reach_every_row_when_set():
+    preset = distillation_table.student_config(distillation_table.parse_args([]), distillation_table.RUNS[0], 0, Path())
+    args = distillation_table.parse_args(["--lr", "0.008", "--warmup-epochs", "5"])
+    for run in distillation_table.RUNS:
+        optim = distillation_table.student_config(args, run, 0, Path("teacher.pth")).optim
+        assert (optim.lr, optim.warmup_epochs) == (0.008, 5) != (preset.optim.lr, preset.optim.warmup_epochs)
+
+
 def test_paired_verdict_calls_bf16_lower_only_when_the_whole_margin_is_below_zero():
     # the committed check's differences: +0.11 mean, standard error 0.15, so + 2 errors stays above zero
     measured = precision_check.PairedVerdict.of([0.26, -0.04])
