@@ -59,3 +59,25 @@ def test_paired_verdict_calls_bf16_lower_only_when_the_whole_margin_is_below_zer
 
 def test_paired_verdict_needs_two_seeds():
     assert precision_check.PairedVerdict.of([-2.0]) is None
+
+
+def test_self_supervised_table_states_each_methods_epochs_and_judges_the_probe_against_both_baselines(tmp_path):
+    import self_supervised
+
+    def probe(pretrained: float, random_init: float, pixels: float) -> list[dict]:
+        return [{"linear_acc1": acc, "knn_acc1": acc - 2} for acc in (pretrained, random_init, pixels)]
+
+    pretrained = {
+        "simclr": [({"minutes": 24.0}, probe(88.5, 72.6, 83.6)), ({"minutes": 26.0}, probe(88.1, 72.4, 83.6))],
+        "moco": [({"minutes": 27.0}, probe(83.0, 72.6, 83.6))],
+    }
+    args = self_supervised.parse_args(["--output", str(tmp_path / "ssl.md"), "--fractions"])
+    text = self_supervised.write(args, [], pretrained, {}, started=0.0)
+    assert "| simclr | 20 | 2 | 88.30 ± 0.28 | 86.30 ± 0.28 |" in text and "| 25.0 |" in text
+    assert f"| moco | {self_supervised.PRETRAIN_EPOCHS['moco']} | 1 | 83.00 |" in text
+    assert "- simclr: the linear probe beats random init and raw pixels: **yes**" in text
+    assert "- moco: the linear probe beats random init and raw pixels: **no**" in text  # 83.0 < pixels' 83.6
+    assert "- A linear probe ≥ 88 %: **yes** (best: simclr, 88.30)" in text
+    assert (tmp_path / "ssl.json").is_file() and (tmp_path / "ssl.md").read_text() == text
+    assert "| simclr | 1 |" in self_supervised.report(self_supervised.parse_args(["--pretrain-epochs", "1"]), [],
+                                                       pretrained, {}, 0.0)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -38,11 +39,13 @@ def config(out, **overrides):
 
 
 @needs_fashion_mnist
-def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(tmp_path, monkeypatch):
+def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(tmp_path, monkeypatch, caplog):
     from deit.training import fit
     from test_ssl import assert_same_state, interrupted_after_step
 
-    whole = fit(config(tmp_path / "whole"))
+    with caplog.at_level(logging.INFO, logger="deit"):
+        whole = fit(config(tmp_path / "whole"))
+    assert "epoch 1: 20 clusters" in caplog.text and "previous epoch's clusters n/a" in caplog.text  # not "-1.000"
     history = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     first, second = history[0]["clusters"], history[1]["clusters"]
     assert 0.1 < first["nmi_labels"] <= 1 and first["nmi_previous"] is None  # even random features group classes

@@ -79,9 +79,9 @@ class DeepCluster(Method):
             self.nmi.copy_(torch.tensor([with_labels, with_previous]))
             self._reset_head(epoch, context.optimizer)
             self.clustered_for.fill_(epoch)
-            log.info("epoch %d: %d clusters (largest %d images, %d empty), NMI with the labels %.3f, with the "
-                     "previous epoch's clusters %.3f", epoch + 1, self.settings.clusters, int(self.cluster_sizes.max()),
-                     int((self.cluster_sizes == 0).sum()), with_labels, with_previous)  # fmt: skip
+            log.info("epoch %d: %d clusters (largest %d images, %d empty), NMI with the labels %s, with the "
+                     "previous epoch's clusters %s", epoch + 1, self.settings.clusters, int(self.cluster_sizes.max()),
+                     int((self.cluster_sizes == 0).sum()), _shown(with_labels), _shown(with_previous))  # fmt: skip
         return {
             "clusters": {
                 "nmi_labels": float(self.nmi[0]) if self.nmi[0] >= 0 else None,
@@ -140,3 +140,8 @@ def nmi(a: torch.Tensor, b: torch.Tensor) -> float:
     if entropy_a == 0 or entropy_b == 0:
         return 1.0 if entropy_a == entropy_b else 0.0
     return float(mutual / (entropy_a * entropy_b).sqrt())
+
+
+def _shown(score: float) -> str:
+    """An NMI for the log; the -1 sentinel (no labels, or no previous epoch) reads as what it means."""
+    return f"{score:.3f}" if score >= 0 else "n/a"
