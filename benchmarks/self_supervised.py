@@ -188,6 +188,7 @@ def main(argv: list[str]) -> int:
             columns = few_labels(args, fraction, seed, found)
             for column, summary in columns.items():
                 few.setdefault(fraction, {}).setdefault(column, []).append(summary)
+            write(args, argv, pretrained, few, started)
     print(write(args, argv, pretrained, few, started))
     return 0
 
@@ -234,10 +235,12 @@ def report(args, argv, pretrained, few, started) -> str:
 
         minutes = statistics.mean(summary["minutes"] for summary, _ in runs)
         lines.append(
-            f"| {method} | {pretrain_epochs(args, method)} | {len(runs)} | {column(0, 'linear_acc1')} | {column(0, 'knn_acc1')} | {column(1, 'linear_acc1')} / "
-            f"{column(1, 'knn_acc1')} | {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes:.1f} |"
+            f"| {method} | {pretrain_epochs(args, method)} | {len(runs)} | {column(0, 'linear_acc1')} "
+            f"| {column(0, 'knn_acc1')} | {column(1, 'linear_acc1')} / {column(1, 'knn_acc1')} "
+            f"| {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes:.1f} |"
         )
     if few:
+        header = ["| labels | " + " | ".join(FEW_LABEL_COLUMNS) + " |", "|---|" + "---:|" * len(FEW_LABEL_COLUMNS)]
         lines += [
             "",
             "## Few labels",
@@ -248,11 +251,15 @@ def report(args, argv, pretrained, few, started) -> str:
             f"{args.finetune_epochs} epochs of the pool. SimCLRv2: that network teaches the student by hard "
             f"distillation on all the images, {args.unlabeled_ratio:.0%} of each batch unlabelled.",
             "",
-            "| labels | " + " | ".join(FEW_LABEL_COLUMNS) + " |",
-            "|---|" + "---:|" * len(FEW_LABEL_COLUMNS),
+            *header,
         ]
         for fraction, columns in sorted(few.items()):
             cells = [mean_std([run["final"]["acc1"] for run in columns[name]]) if name in columns else "n/a"
+                     for name in FEW_LABEL_COLUMNS]  # fmt: skip
+            lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
+        lines += ["", "Minutes per run (mean over seeds):", "", *header]
+        for fraction, columns in sorted(few.items()):
+            cells = [f"{statistics.mean(run['minutes'] for run in columns[name]):.1f}" if name in columns else "n/a"
                      for name in FEW_LABEL_COLUMNS]  # fmt: skip
             lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "## Goals", "", *goals(pretrained, few)]

@@ -81,3 +81,21 @@ def test_self_supervised_table_states_each_methods_epochs_and_judges_the_probe_a
     assert (tmp_path / "ssl.json").is_file() and (tmp_path / "ssl.md").read_text() == text
     assert "| simclr | 1 |" in self_supervised.report(self_supervised.parse_args(["--pretrain-epochs", "1"]), [],
                                                        pretrained, {}, 0.0)  # fmt: skip
+
+
+def test_self_supervised_few_label_table_gives_minutes_and_judges_simclrv2_against_all_the_labels():
+    import self_supervised
+
+    def runs(*accuracies: float) -> list[dict]:
+        return [{"final": {"acc1": acc}, "minutes": 5.0 + i} for i, acc in enumerate(accuracies)]
+
+    few = {
+        0.1: {"supervised": runs(80.0, 81.0), "SimCLRv2: pretrain + fine-tune + distil": runs(85.0, 85.5)},
+        1.0: {"supervised": runs(85.4, 85.2)},
+    }
+    text = self_supervised.report(self_supervised.parse_args([]), [], {}, few, 0.0)
+    assert "| 10% | 80.50 ± 0.71 | n/a | n/a | n/a | 85.25 ± 0.35 |" in text
+    assert "| 10% | 5.5 | n/a | n/a | n/a | 5.5 |" in text and "| 100% | 5.5 | n/a | n/a | n/a | n/a |" in text
+    minutes = text.split("Minutes per run")[1]
+    assert "| labels | supervised |" in minutes and "|---|" in minutes  # the header repeated above the minutes
+    assert "SimCLRv2 reaches the supervised student on 100 %: **no** (85.25 against 85.30)" in text
