@@ -132,9 +132,13 @@ def train_or_read(config, folder: Path) -> dict | None:
         summary = json.loads(summary_file.read_text())
         if {"minutes", "final", "history"} <= set(summary):  # ours, not the one `deit train` writes
             return summary
+    metrics = folder / "metrics.jsonl"
+    # a run that resumes times only what is left of it: say where it resumed, so a table need not count it as whole
+    done_before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     started = time.perf_counter()
     result = fit(config)
-    summary = {"minutes": (time.perf_counter() - started) / 60, "final": result.final, "history": result.history}
+    summary = {"minutes": (time.perf_counter() - started) / 60, "final": result.final, "history": result.history,
+               "resumed_from_epoch": done_before}  # fmt: skip
     summary_file.write_text(json.dumps(summary))
     return summary
 

@@ -78,6 +78,14 @@ def train_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
     return teacher, student
 
 
+def whole_minutes(summaries: list[dict]) -> str:
+    """Mean wall minutes of the runs that ran whole in one invocation; a resumed run timed only its rest."""
+    whole = [summary["minutes"] for summary in summaries if not summary.get("resumed_from_epoch")]
+    resumed = len(summaries) - len(whole)
+    note = f" ({resumed} resumed run(s) not counted)" if resumed else ""
+    return (f"{statistics.mean(whole):.1f}" if whole else "n/a") + note
+
+
 def write_report(args, argv, results: list[tuple[dict, dict]], measured_at: str) -> str:
     teachers = [teacher["final"]["acc1"] for teacher, _ in results]
     lines = [
@@ -95,14 +103,14 @@ def write_report(args, argv, results: list[tuple[dict, dict]], measured_at: str)
         "| model | top-1 (%) | per seed | student − teacher, same seed | minutes per run |",
         "|---|---:|---|---:|---:|",
         f"| teacher | {mean_std(teachers)} | {', '.join(f'{v:.2f}' for v in teachers)} | | "
-        f"{statistics.mean(teacher['minutes'] for teacher, _ in results):.1f} |",
+        f"{whole_minutes([teacher for teacher, _ in results])} |",
     ]
     for head, metric in STUDENT_HEADS.items():
         values = [student["final"][metric] for _, student in results]
         gaps = [value - teacher for value, teacher in zip(values, teachers, strict=True)]
         lines.append(
             f"| student, {head} | {mean_std(values)} | {', '.join(f'{v:.2f}' for v in values)} | {mean_std(gaps)} | "
-            f"{statistics.mean(student['minutes'] for _, student in results):.1f} |"
+            f"{whole_minutes([student for _, student in results])} |"
         )
     fused = [student["final"][STUDENT_HEADS["class + distillation"]] for _, student in results]
     beaten = [value >= teacher for value, teacher in zip(fused, teachers, strict=True)]
@@ -112,7 +120,8 @@ def write_report(args, argv, results: list[tuple[dict, dict]], measured_at: str)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    runs = [{"teacher": {k: t[k] for k in ("final", "minutes", "history")}, "student": s} for t, s in results]
+    runs = [{"teacher": {k: t.get(k) for k in ("final", "minutes", "resumed_from_epoch", "history")}, "student": s}
+            for t, s in results]
     output.with_suffix(".json").write_text(
         json.dumps({"command": ["python", "benchmarks/moonshot.py", *argv], "commit": measured_at, "seeds": runs})
     )

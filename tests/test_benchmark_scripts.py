@@ -99,3 +99,27 @@ def test_self_supervised_few_label_table_gives_minutes_and_judges_simclrv2_again
     minutes = text.split("Minutes per run")[1]
     assert "| labels | supervised |" in minutes and "|---|" in minutes  # the header repeated above the minutes
     assert "SimCLRv2 reaches the supervised student on 100 %: **no** (85.25 against 85.30)" in text
+
+
+def test_moonshot_minutes_leave_out_a_resumed_run_and_say_so():
+    import moonshot
+
+    assert moonshot.whole_minutes([{"minutes": 12.0}, {"minutes": 14.0, "resumed_from_epoch": 0}]) == "13.0"
+    assert moonshot.whole_minutes([{"minutes": 12.0}, {"minutes": 5.0, "resumed_from_epoch": 130}]) == (
+        "12.0 (1 resumed run(s) not counted)"
+    )
+    assert moonshot.whole_minutes([{"minutes": 5.0, "resumed_from_epoch": 130}]).startswith("n/a")
+
+
+def test_train_or_read_records_the_epoch_a_run_resumed_from(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+
+    class Result:
+        final, history = {"acc1": 50.0}, [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+
+    monkeypatch.setattr(distillation_table, "fit", lambda config: Result())
+    summary = distillation_table.train_or_read(None, folder)
+    assert summary["resumed_from_epoch"] == 2 and summary["final"] == {"acc1": 50.0}
+    assert distillation_table.train_or_read(None, folder) == summary  # read back, not retrained
