@@ -120,8 +120,10 @@ def write_report(args, argv, results: list[tuple[dict, dict]], measured_at: str)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    runs = [{"teacher": {k: t.get(k) for k in ("final", "minutes", "resumed_from_epoch", "history")}, "student": s}
-            for t, s in results]
+    runs = [
+        {"teacher": {k: t.get(k) for k in ("final", "minutes", "resumed_from_epoch", "history")}, "student": s}
+        for t, s in results
+    ]
     output.with_suffix(".json").write_text(
         json.dumps({"command": ["python", "benchmarks/moonshot.py", *argv], "commit": measured_at, "seeds": runs})
     )
