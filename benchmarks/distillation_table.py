@@ -143,6 +143,14 @@ def train_or_read(config, folder: Path) -> dict | None:
     return summary
 
 
+def whole_minutes(summaries: list[dict]) -> str:
+    """Mean wall minutes of the runs that ran whole in one invocation; a resumed run timed only its rest."""
+    whole = [summary["minutes"] for summary in summaries if not summary.get("resumed_from_epoch")]
+    resumed = len(summaries) - len(whole)
+    note = f" ({resumed} resumed run(s) not counted)" if resumed else ""
+    return (f"{statistics.mean(whole):.1f}" if whole else "n/a") + note
+
+
 def teacher_config(args: argparse.Namespace, seed: int):
     overrides = {"run.seed": seed, "run.output_dir": str(Path(args.teacher_dir) / f"seed{seed}"), "run.resume": "auto"}
     if args.teacher_epochs:

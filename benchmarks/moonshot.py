@@ -21,12 +21,20 @@ import argparse
 import json
 import logging
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-from distillation_table import TEACHER_PRESET, Run, add_student_budget, commit, mean_std, student_config, train_or_read
+from distillation_table import (
+    TEACHER_PRESET,
+    Run,
+    add_student_budget,
+    commit,
+    mean_std,
+    student_config,
+    train_or_read,
+    whole_minutes,
+)
 
 from deit.config import load_config, with_overrides
 
@@ -76,14 +84,6 @@ def train_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
     config = student_config(args, run, seed, teacher_folder / "checkpoint.pth")
     student = train_or_read(config, Path(args.work_dir) / "student" / f"seed{seed}")
     return teacher, student
-
-
-def whole_minutes(summaries: list[dict]) -> str:
-    """Mean wall minutes of the runs that ran whole in one invocation; a resumed run timed only its rest."""
-    whole = [summary["minutes"] for summary in summaries if not summary.get("resumed_from_epoch")]
-    resumed = len(summaries) - len(whole)
-    note = f" ({resumed} resumed run(s) not counted)" if resumed else ""
-    return (f"{statistics.mean(whole):.1f}" if whole else "n/a") + note
 
 
 def write_report(args, argv, results: list[tuple[dict, dict]], measured_at: str) -> str:

@@ -43,7 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from distillation_table import commit, mean_std, train_or_read
+from distillation_table import commit, mean_std, train_or_read, whole_minutes
 
 from deit.config import PRETRAIN_METHODS, load_config, with_overrides
 from deit.data import build_probe_data
@@ -233,11 +233,11 @@ def report(args, argv, pretrained, few, started) -> str:
         def column(row: int, key: str, scores=scores) -> str:
             return mean_std([score[row][key] for score in scores])
 
-        minutes = statistics.mean(summary["minutes"] for summary, _ in runs)
+        minutes = whole_minutes([summary for summary, _ in runs])
         lines.append(
             f"| {method} | {pretrain_epochs(args, method)} | {len(runs)} | {column(0, 'linear_acc1')} "
             f"| {column(0, 'knn_acc1')} | {column(1, 'linear_acc1')} / {column(1, 'knn_acc1')} "
-            f"| {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes:.1f} |"
+            f"| {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes} |"
         )
     if few:
         header = ["| labels | " + " | ".join(FEW_LABEL_COLUMNS) + " |", "|---|" + "---:|" * len(FEW_LABEL_COLUMNS)]
@@ -259,7 +259,7 @@ def report(args, argv, pretrained, few, started) -> str:
             lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
         lines += ["", "Minutes per run (mean over seeds):", "", *header]
         for fraction, columns in sorted(few.items()):
-            cells = [f"{statistics.mean(run['minutes'] for run in columns[name]):.1f}" if name in columns else "n/a"
+            cells = [whole_minutes(columns[name]) if name in columns else "n/a"
                      for name in FEW_LABEL_COLUMNS]  # fmt: skip
             lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "## Goals", "", *goals(pretrained, few)]

@@ -101,14 +101,14 @@ def test_self_supervised_few_label_table_gives_minutes_and_judges_simclrv2_again
     assert "SimCLRv2 reaches the supervised student on 100 %: **no** (85.25 against 85.30)" in text
 
 
-def test_moonshot_minutes_leave_out_a_resumed_run_and_say_so():
-    import moonshot
+def test_minutes_leave_out_a_resumed_run_and_say_so():
+    whole_minutes = distillation_table.whole_minutes
 
-    assert moonshot.whole_minutes([{"minutes": 12.0}, {"minutes": 14.0, "resumed_from_epoch": 0}]) == "13.0"
-    assert moonshot.whole_minutes([{"minutes": 12.0}, {"minutes": 5.0, "resumed_from_epoch": 130}]) == (
+    assert whole_minutes([{"minutes": 12.0}, {"minutes": 14.0, "resumed_from_epoch": 0}]) == "13.0"
+    assert whole_minutes([{"minutes": 12.0}, {"minutes": 5.0, "resumed_from_epoch": 130}]) == (
         "12.0 (1 resumed run(s) not counted)"
     )
-    assert moonshot.whole_minutes([{"minutes": 5.0, "resumed_from_epoch": 130}]).startswith("n/a")
+    assert whole_minutes([{"minutes": 5.0, "resumed_from_epoch": 130}]).startswith("n/a")
 
 
 def test_train_or_read_records_the_epoch_a_run_resumed_from(tmp_path, monkeypatch):
