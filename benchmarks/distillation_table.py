@@ -353,7 +353,7 @@ def write_table(
         lines.append(
             f"| {row.method} | {row.teacher} | {mean_std(values)} | {', '.join(f'{v:.2f}' for v in values)} | "
             f"{', '.join(movement)} | "
-            f"{statistics.mean(r['minutes'] for r in runs) if runs else 0:.1f} | {curve} |"
+            f"{whole_minutes(runs) if runs else 'n/a'} | {curve} |"
         )
     lines += paired_differences(student_values)
     lines += ["", "## Goals", "", *goals(student_values, teacher_values)]

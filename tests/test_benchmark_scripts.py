@@ -123,3 +123,23 @@ def test_train_or_read_records_the_epoch_a_run_resumed_from(tmp_path, monkeypatc
     summary = distillation_table.train_or_read(None, folder)
     assert summary["resumed_from_epoch"] == 2 and summary["final"] == {"acc1": 50.0}
     assert distillation_table.train_or_read(None, folder) == summary  # read back, not retrained
+
+
+def test_distillation_table_rows_time_whole_runs_only_and_name_the_students_lr(tmp_path):
+    curve = {e: 70.0 + e / 10 for e in range(10, 101, 10)}
+
+    def run(minutes: float, resumed_from: int = 0, acc: float = 80.0) -> dict:
+        metrics = ("acc1", "avg_logits_acc1", "cls_acc1", "dist_acc1", "softmax_sum_acc1")  # every head's
+        final = dict.fromkeys(metrics, acc)
+        records = [{"epoch": e, "train": {"loss": 1.0, "lr": 1e-3}, **({"val": dict.fromkeys(metrics, curve[e])}
+                    if e in curve else {})} for e in range(1, 101)]  # fmt: skip
+        return {"minutes": minutes, "final": final, "history": records, "resumed_from_epoch": resumed_from}
+
+    args = distillation_table.parse_args(["--output", str(tmp_path / "table.md"), "--epochs", "100", "--lr", "0.002"])
+    summaries = {"none": [run(9.0), run(3.0, resumed_from=70)], "token": [run(12.0), run(14.0)]}
+    text = distillation_table.write_table(args, [], summaries, [run(20.0, acc=94.0)], 0.0, "abc1234")
+    none_row = next(line for line in text.splitlines() if line.startswith("| DeiT, no distillation |"))
+    assert "| 9.0 (1 resumed run(s) not counted) |" in none_row  # not the mean 6.0 with the resumed run's 3 minutes
+    assert "| 13.0 |" in next(line for line in text.splitlines() if line.startswith("| DeiT⚗: class head |"))
+    assert "peak lr 0.002 at batch 512 after 1 warm-up epoch(s)" in text
+    assert "| DeiT, hard distillation (no distillation token) | hard | not run yet |" in text
