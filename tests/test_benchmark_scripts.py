@@ -101,6 +101,53 @@ def test_self_supervised_few_label_table_gives_minutes_and_judges_simclrv2_again
     assert "SimCLRv2 reaches the supervised student on 100 %: **no** (85.25 against 85.30)" in text
 
 
+def test_self_supervised_judges_beit_against_the_student_from_scratch_at_a_tenth_of_the_labels():
+    import self_supervised
+
+    def runs(*accuracies: float) -> list[dict]:
+        return [{"final": {"acc1": acc}, "minutes": 30.0} for acc in accuracies]
+
+    few = {0.1: {"supervised, BEiT's total epochs": runs(82.0, 82.4), "BEiT + fine-tune": runs(83.0, 83.4)}}
+    text = self_supervised.report(self_supervised.parse_args(["--beit-target", "dvae"]), [], {}, few, 0.0)
+    assert "beit-dvae + fine-tune beats the student from scratch for the same total epochs: **yes** (83.20" in text
+    few[0.1]["BEiT + fine-tune"] = runs(82.0, 82.4)  # a tie is not a win
+    assert "**no** (82.20 against 82.20)" in self_supervised.report(self_supervised.parse_args([]), [], {}, few, 0.0)
+
+
+def test_self_supervised_keeps_each_beit_targets_runs_apart_and_shares_the_supervised_ones(tmp_path, monkeypatch):
+    import self_supervised
+
+    folders = []
+    monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: folders.append(folder) or {})
+    checkpoint = {"beit": tmp_path / "beit.pth"}
+    for target in self_supervised.BEIT_TARGETS:
+        args = self_supervised.parse_args(["--work-dir", str(tmp_path), "--beit-target", target])
+        self_supervised.few_labels(args, 0.1, 0, checkpoint)
+        assert self_supervised.pretrain_folder(args, "beit", 0).parent.name == self_supervised.run_name(args, "beit")
+    names = [folder.name for folder in folders]
+    assert names.count("supervised") == names.count("supervised_long") == 3  # one config: one run, read thrice
+    assert sorted(name for name in names if name.endswith("_finetune")) == [
+        "beit-dvae_finetune", "beit-pixels_finetune", "beit_finetune"]  # fmt: skip
+
+
+def test_beit_targets_table_gives_each_targets_tokenizer_figures_and_names_the_best_fine_tuned():
+    import beit_targets
+
+    def result(finetune: float, scratch: float, tokenizer: dict | None) -> dict:
+        probe = [{"linear_acc1": 70.0, "knn_acc1": 60.0}] * 3
+        return {"pretrain": {"minutes": 25.0}, "probe": probe, "finetune": {"final": {"acc1": finetune}},
+                "scratch": {"final": {"acc1": scratch}}, "tokenizer": tokenizer}  # fmt: skip
+
+    results = {
+        "kmeans": [result(84.0, 83.0, {"mse": 0.1147, "perplexity": 92.4}), result(85.0, 83.0, None)],
+        "pixels": [result(86.0, 83.0, None)],
+    }
+    text = beit_targets.report(beit_targets.parse_args([]), [], results)
+    assert "| kmeans | 2 | 0.1147 | 92 | 84.50 ± 0.71 | 83.00 ± 0.00 | 70.00 ± 0.00 | 60.00 ± 0.00 | 25.0 |" in text
+    assert "| pixels | 1 | n/a | n/a | 86.00 | 83.00 |" in text
+    assert "Best fine-tuned at 10% of the labels: **pixels** (86.00)." in text
+
+
 def test_minutes_leave_out_a_resumed_run_and_say_so():
     whole_minutes = distillation_table.whole_minutes
 
