@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import needs_fashion_mnist
 from deit.engine import Precision
-from deit.ssl.losses import byol_loss, info_nce, nt_xent
+from deit.ssl.losses import byol_loss, cross_view_info_nce, info_nce, nt_xent
 from deit.ssl.momentum import KeyQueue, follow, frozen_copy, momentum_at
 
 FP32 = Precision.resolve("none", torch.device("cpu"))
@@ -59,6 +59,24 @@ def test_the_keys_get_no_gradient():
     p, z = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
     byol_loss(p, z).backward()
     assert p.grad is not None and z.grad is None
+
+
+def test_the_losses_compute_in_fp32_under_bf16_autocast():
+    generator = torch.Generator().manual_seed(0)
+    a, b, queue = (torch.randn(n, 32, generator=generator) for n in (64, 64, 256))
+    losses = {
+        "nt_xent": lambda: nt_xent(a, b, 0.2),
+        "info_nce, queue": lambda: info_nce(a, b, queue, 0.2),
+        "info_nce, batch": lambda: info_nce(a, b, None, 0.2),
+        "cmc": lambda: cross_view_info_nce(a, b, queue, 0.07),
+        "byol": lambda: byol_loss(a, b),
+    }
+    for name, loss in losses.items():
+        exact = loss()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = loss()
+        # bf16 similarities would be off by about 1e-3 of the loss; fp32 agrees to rounding
+        assert under_autocast.dtype == torch.float32 and torch.allclose(under_autocast, exact, rtol=1e-6), name
 
 
 def test_byol_loss_by_hand():

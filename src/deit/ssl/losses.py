@@ -4,14 +4,31 @@ Every function takes float embeddings of shape (N, D), normalises them
 itself where the method does, and computes in fp32 whatever autocast the
 caller runs under: similarities of unit vectors divided by a small
 temperature overflow bf16's precision long before they overflow its range.
+Casting the embeddings to fp32 is not enough, since autocast would round a
+matrix product's inputs back to bf16; so each function turns autocast off.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 
+def _in_fp32(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``loss`` with autocast off on its first argument's device, so that its products stay fp32."""
+
+    @functools.wraps(loss)
+    def run(first: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(first.device.type, enabled=False):
+            return loss(first, *args, **kwargs)
+
+    return run
+
+
+@_in_fp32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """SimCLR's normalised temperature-scaled cross-entropy over the 2N views of N images.
 
@@ -26,6 +43,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(similarity, positives)
 
 
+@_in_fp32
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """MoCo's contrastive loss: each query against its own key and the negatives.
 
@@ -45,6 +63,7 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor | No
     return 2 * temperature * F.cross_entropy(logits, torch.arange(len(q), device=q.device))
 
 
+@_in_fp32
 def cross_view_info_nce(
     anchors: torch.Tensor, others: torch.Tensor, queue: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
@@ -61,6 +80,7 @@ def cross_view_info_nce(
     return F.cross_entropy(logits / temperature, torch.arange(len(a), device=a.device))
 
 
+@_in_fp32
 def byol_loss(online_prediction: torch.Tensor, target_projection: torch.Tensor) -> torch.Tensor:
     """BYOL's regression of the online prediction onto the target projection: 2 - 2 cos, the batch mean.
 
