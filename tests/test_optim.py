@@ -54,6 +54,21 @@ def test_param_groups_of_a_cnn_and_frozen_parameters():
     assert no_decay == {"0.bias", "1.weight", "1.bias", "3.bias"}  # the frozen 3.weight is in neither
 
 
+def test_pretraining_keeps_the_vits_tokens_and_beits_mask_embedding_undecayed():
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.beit import BEiT
+    from deit.ssl.byol import BYOL
+
+    vit = create_model("deit_pico_patch7_28", num_classes=10)
+    beit = BEiT(Backbone(vit), None)
+    decay, no_decay = group_names(beit, param_groups(beit, 0.05))
+    assert {"backbone.model.pos_embed", "backbone.model.cls_token", "mask_embedding"} <= no_decay
+    assert {"backbone.model.patch_embed.proj.weight", "token_head.weight"} <= decay
+    byol = BYOL(Backbone(create_model("deit_pico_patch7_28", num_classes=10)), total_steps=10)
+    _, no_decay = group_names(byol, param_groups(byol, 0.05))
+    assert "backbone.model.pos_embed" in no_decay  # the frozen target's copy is in neither group
+
+
 @pytest.mark.parametrize(("batch", "expected"), [(512, 5e-4), (128, 1.25e-4), (1024, 1e-3)])
 def test_peak_lr_scales_with_batch(batch, expected):
     config = OptimConfig(lr=5e-4)

@@ -53,6 +53,9 @@ class BEiT(Method):
         nn.init.trunc_normal_(self.token_head.weight, std=0.02)
         nn.init.zeros_(self.token_head.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_embedding"}  # an input token, undecayed like the class token
+
     def patch_features(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """The ViT's output at each patch position (B, N, C), the masked patches' inputs replaced by the embedding."""
         vit = self.backbone.model

@@ -77,3 +77,9 @@ class Method(nn.Module):
 
     def after_step(self, step: int) -> None:
         """Nothing to do by default: SimCLR has no target network."""
+
+    def no_weight_decay(self) -> set[str]:
+        """What the encoders' own ``no_weight_decay`` exempts (a ViT's position embedding and tokens), named here."""
+        encoders = [(prefix, module) for prefix, module in self.named_modules()
+                    if module is not self and hasattr(module, "no_weight_decay")]  # fmt: skip
+        return {f"{prefix}.{name}" for prefix, encoder in encoders for name in encoder.no_weight_decay()}
