@@ -32,6 +32,7 @@ from pathlib import Path
 import self_supervised
 from distillation_table import commit, mean_std, whole_minutes
 
+from deit.ssl.masking import BlockMasks
 from deit.ssl.tokenizer import PatchTokenizer
 
 FRACTION = 0.1  # where issue 19 judges BEiT
@@ -104,7 +105,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, list[di
         f"Command: `{shlex.join(['python', 'benchmarks/beit_targets.py', *argv])}`",
         "",
         f"Measured at commit {commit()}. `{self_supervised.BEIT_MODEL}` pretrained by BEiT for {epochs} epochs of the "
-        f"60,000 Fashion-MNIST images, 40 % of its 16 patches masked in blocks. Fine-tuned: the student started from "
+        f"60,000 Fashion-MNIST images, {BlockMasks(grid=4).target} of its 16 patches masked in blocks (40 % rounded, "
+        "never overshot, as BEiT's code does). Fine-tuned: the student started from "
         f"it, {args.student_epochs} epochs of the pool with {FRACTION:.0%} of the labels; from scratch: the same "
         f"student for {args.student_epochs + epochs} epochs, the same total. Tokenizer: 256 tokens of 7 px patches; "
         "on held-out patches, the mean squared error of a patch against its token's picture (normalised pixels) and "
