@@ -69,6 +69,22 @@ def test_pretraining_keeps_the_vits_tokens_and_beits_mask_embedding_undecayed():
     assert "backbone.model.pos_embed" in no_decay  # the frozen target's copy is in neither group
 
 
+def test_deepclusters_head_stays_at_the_peak_lr_while_the_schedule_decays_the_rest():
+    from deit.optim import set_lr
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.deepcluster import ClusterSettings, DeepCluster
+
+    method = DeepCluster(Backbone(create_model("resnet8_small", num_classes=1, in_chans=1, img_size=28)),
+                         num_images=100, settings=ClusterSettings(clusters=20))  # fmt: skip
+    optimizer = build_optimizer(method, OptimConfig(lr=4e-3, weight_decay=0.05), global_batch=512)
+    head = {id(p) for p in method.classifier.parameters()}
+    set_lr(optimizer, 1e-5)  # the end of the cosine
+    for group in optimizer.param_groups:
+        is_head = {id(p) for p in group["params"]} == head
+        assert group["lr"] == (4e-3 if is_head else 1e-5)
+    assert sum({id(p) for p in group["params"]} == head for group in optimizer.param_groups) == 1
+
+
 @pytest.mark.parametrize(("batch", "expected"), [(512, 5e-4), (128, 1.25e-4), (1024, 1e-3)])
 def test_peak_lr_scales_with_batch(batch, expected):
     config = OptimConfig(lr=5e-4)

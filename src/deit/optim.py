@@ -14,17 +14,28 @@ REFERENCE_BATCH = 512  # the paper's lr is given for this global batch and scale
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and the rest (biases, norms, position embedding, tokens)."""
+    """Two groups: decayed weights, and the rest (biases, norms, position embedding, tokens).
+
+    A model may name parameters that stay at the peak learning rate whatever the schedule
+    (``unscheduled_parameters``: DeepCluster's head, which starts afresh every epoch); they
+    form a third group, decayed, that ``set_lr`` leaves alone.
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    unscheduled = set(model.unscheduled_parameters()) if hasattr(model, "unscheduled_parameters") else set()
+    decay, no_decay, constant = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name in skip or name.endswith(".bias"):
+        if name in unscheduled:
+            constant.append(param)
+        elif param.ndim <= 1 or name in skip or name.endswith(".bias"):
             no_decay.append(param)
         else:
             decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if constant:
+        groups.append({"params": constant, "weight_decay": weight_decay, "scheduled": False})
+    return groups
 
 
 def peak_lr(config: OptimConfig, global_batch: int) -> float:
@@ -66,4 +77,5 @@ class WarmupCosine:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if group.get("scheduled", True):  # an unscheduled group keeps the peak lr it was built with
+            group["lr"] = lr

@@ -8,7 +8,10 @@ Before each epoch:
    empty cluster is split off a full one, as the paper does);
 4. each image's cluster becomes its pseudo-label. The classifier head is
    re-initialised, with its optimizer state, since last epoch's clusters mean
-   nothing now.
+   nothing now. It trains at the peak learning rate throughout, as the paper's
+   constant rate does: it must fit new clusters every epoch, and a head left
+   near random by a decayed rate would teach the backbone noise (the loss
+   climbed back to chance, ln k, over the last epochs of a cosine schedule).
 
 During the epoch: cross-entropy of the head on one augmented view. The paper
 samples images uniformly over the clusters, so that a giant cluster cannot
@@ -90,6 +93,9 @@ class DeepCluster(Method):
                 "empty": int((self.cluster_sizes == 0).sum()),
             }
         }
+
+    def unscheduled_parameters(self) -> set[str]:
+        return {"classifier.weight", "classifier.bias"}  # see the module's note 4
 
     def _cluster(self, features: torch.Tensor, epoch: int) -> torch.Tensor:
         reduced = F.normalize(pca_whiten(features, self.settings.pca_dim), dim=1)
