@@ -96,6 +96,37 @@ def test_the_queue_replaces_its_oldest_keys_and_wraps_around():
     assert set(queue.state_dict()) == {"keys", "position"}  # a checkpoint carries it
 
 
+def test_moco_v2_normalises_in_groups_the_keys_after_a_shuffle_and_gives_them_back_in_order():
+    from deit.ssl.moco import in_groups
+
+    torch.manual_seed(0)
+    views = torch.randn(64, 8) * 3 + 5
+    norm = nn.BatchNorm1d(8, affine=False).train()
+    grouped = in_groups(norm, views, 4)
+    for part in grouped.chunk(4):  # each group normalised over itself alone
+        assert torch.allclose(part.mean(dim=0), torch.zeros(8), atol=1e-5)
+    order = torch.randperm(64)
+    shuffled = in_groups(norm, views, 4, order)
+    for members in order.chunk(4):  # the groups are the shuffled slices, and each row is back at its own place
+        assert torch.allclose(shuffled[members].mean(dim=0), torch.zeros(8), atol=1e-5)
+        assert torch.allclose(shuffled[members], norm(views[members]), atol=1e-5)
+    linear = nn.Linear(8, 3)
+    assert torch.allclose(in_groups(linear, views, 4, order), linear(views), atol=1e-6)  # rows back in order
+
+
+def test_moco_v2s_head_has_no_batch_norm_and_v3s_has():
+    from deit.models import create_model
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.moco import MoCo
+
+    def norms(version: int) -> int:
+        backbone = Backbone(create_model("deit_pico_patch7_28", num_classes=1))
+        moco = MoCo(backbone, version=version, total_steps=10)
+        return sum(isinstance(m, nn.BatchNorm1d) for m in [*moco.projector.modules(), *moco.predictor.modules()])
+
+    assert norms(2) == 0 and norms(3) > 0
+
+
 def test_the_momentum_rises_from_its_base_to_one():
     assert momentum_at(0, 100, 0.99) == pytest.approx(0.99)
     assert momentum_at(50, 100, 0.99) == pytest.approx(0.995)

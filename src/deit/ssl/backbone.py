@@ -53,15 +53,17 @@ def build_backbone(name: str, *, in_chans: int, img_size: int, **options: Any) -
     return Backbone(create_model(name, num_classes=1, in_chans=in_chans, img_size=img_size, **options))
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, last_norm: bool = False) -> nn.Sequential:
-    """``layers`` linear layers with batch norm and ReLU between them: the projectors and predictors."""
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, last_norm: bool = False, batch_norm: bool = True
+) -> nn.Sequential:
+    """``layers`` linear layers with batch norm (unless not ``batch_norm``) and ReLU between them: the heads."""
     blocks: list[nn.Module] = []
     dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
     for index, (a, b) in enumerate(zip(dims, dims[1:], strict=False)):
         last = index == layers - 1
-        blocks.append(nn.Linear(a, b, bias=last and not last_norm))
+        blocks.append(nn.Linear(a, b, bias=(last and not last_norm) or not batch_norm))
         if not last:
-            blocks += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+            blocks += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if batch_norm else [nn.ReLU(inplace=True)]
         elif last_norm:
             blocks.append(nn.BatchNorm1d(b, affine=False))
     return nn.Sequential(*blocks)
