@@ -1,8 +1,10 @@
 """SimCLR (Chen et al., 2020): pull the two views of an image together, push every other image's views away.
 
-A projector (2 layers; 3 in SimCLRv2, whose middle layer is kept for
-fine-tuning) maps the backbone's features to the space where NT-Xent compares
-the 2N views of a batch of N images at temperature tau.
+A projector (2 layers; 3 in SimCLRv2, ``pretrain.projector_layers``) maps the
+backbone's features to the space where NT-Xent compares the 2N views of a
+batch of N images at temperature tau. SimCLRv2 fine-tunes from the
+projector's first layer; ``deit train --init`` keeps the backbone only, and
+docs/pretraining.md says so.
 """
 
 from __future__ import annotations
