@@ -19,6 +19,7 @@ table is rewritten after every run, with the rows still missing marked as such.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from deit.analysis import figures
 from deit.config import load_config, with_overrides
@@ -125,13 +127,48 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# settings a finished run may differ in from the one asked for: how it was watched and where, not what it computed
+UNCOMPARED = {"run.output_dir", "run.resume", "run.progress", "run.log_interval", "run.tensorboard", "data.num_workers"}
+
+
+def settings_differing(config, folder: Path) -> list[str]:
+    """The settings the run in ``folder`` (its config.yaml) was trained with that differ from ``config``'s."""
+    saved = folder / "config.yaml"
+    if config is None or not saved.is_file():
+        return []
+
+    asked = _flat(json.loads(json.dumps(dataclasses.asdict(config))))  # tuples as lists, as YAML has them
+    had = _flat(yaml.safe_load(saved.read_text()) or {})
+    return [f"{key} = {had[key]!r} there, {asked[key]!r} asked" for key in sorted(asked.keys() & had.keys())
+            if key not in UNCOMPARED and had[key] != asked[key]]  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1.0}} -> {"optim.lr": 1.0}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def train_or_read(config, folder: Path) -> dict | None:
-    """Train (or finish) the run in ``folder`` and return its wall minutes and metrics per epoch."""
+    """Train (or finish) the run in ``folder`` and return its wall minutes and metrics per epoch.
+
+    A run found there with other settings than ``config``'s is still used (the committed tables hold runs
+    made before a default changed, such as the attention kernel), but not silently: the differences are
+    logged and returned under "settings_differing".
+    """
+    differing = settings_differing(config, folder)
+    if differing:
+        logging.warning("%s was trained with other settings than asked: %s", folder, "; ".join(differing))
     summary_file = folder / "summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         if {"minutes", "final", "history"} <= set(summary):  # ours, not the one `deit train` writes
-            return summary
+            return {**summary, "settings_differing": differing} if differing else summary
     metrics = folder / "metrics.jsonl"
     # a run that resumes times only what is left of it: say where it resumed, so a table need not count it as whole
     done_before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0

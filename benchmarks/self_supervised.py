@@ -165,14 +165,15 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained:
     if fraction >= 1 or cnn is None:
         return results
     backbone = load_config(PRETRAIN_PRESET).model.name
+    finetune = f"{args.simclrv2_method}_finetune"  # named by its backbone's method: two methods' runs never mix
     results["pretrain + fine-tune (CNN)"] = run(
-        FINETUNE_PRESET, "finetune",
+        FINETUNE_PRESET, finetune,
         **{"model.name": backbone, "model.init": str(cnn), "optim.epochs": args.finetune_epochs},
     )  # fmt: skip
     results["SimCLRv2: pretrain + fine-tune + distil"] = run(
-        STUDENT_PRESET, "simclrv2",
+        STUDENT_PRESET, f"simclrv2_{args.simclrv2_method}",
         **{"optim.epochs": args.student_epochs, "distill.type": "hard",
-           "distill.teacher_path": str(work / "finetune" / "checkpoint.pth"), "run.eval_teacher": False},
+           "distill.teacher_path": str(work / finetune / "checkpoint.pth"), "run.eval_teacher": False},
     )  # fmt: skip
     return results
 

@@ -148,6 +148,24 @@ def test_beit_targets_table_gives_each_targets_tokenizer_figures_and_names_the_b
     assert "Best fine-tuned at 10% of the labels: **pixels** (86.00)." in text
 
 
+def test_a_run_read_back_with_other_settings_than_asked_says_which(tmp_path, caplog):
+    from deit.config import TrainConfig, save_config, with_overrides
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    trained = with_overrides(TrainConfig(), {"optim.epochs": 20, "run.output_dir": str(folder)})
+    save_config(trained, folder / "config.yaml")
+    (folder / "summary.json").write_text('{"minutes": 1.0, "final": {"acc1": 50.0}, "history": []}')
+    # where it was written and how it was watched do not count; what it computed does
+    same = with_overrides(trained, {"run.output_dir": "elsewhere", "run.progress": False})
+    assert distillation_table.settings_differing(same, folder) == []
+    assert "settings_differing" not in distillation_table.train_or_read(same, folder)
+    longer = with_overrides(trained, {"optim.epochs": 30})
+    summary = distillation_table.train_or_read(longer, folder)
+    assert summary["settings_differing"] == ["optim.epochs = 20 there, 30 asked"]
+    assert "trained with other settings than asked: optim.epochs = 20 there, 30 asked" in caplog.text
+
+
 def test_minutes_leave_out_a_resumed_run_and_say_so():
     whole_minutes = distillation_table.whole_minutes
 
