@@ -149,7 +149,8 @@ def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypat
     whole = fit(pretrain_config(tmp_path / "whole", "beit", **beit))
     steps = [json.loads(line) for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
     assert steps[-1]["loss"] < steps[0]["loss"]  # it learns to predict the masked tokens
-    assert whole.final["num_samples"] == 10000  # the kNN monitor scored the class token
+    assert whole.final["num_samples"] == 10000  # the kNN monitor scored the patch tokens' mean
+    assert whole.model.backbone.pool == "mean"
 
     saved = interrupted_after_step(pretrain_config(tmp_path / "cut", "beit", **beit), 5, monkeypatch)
     assert saved["epoch_step"] > 0 and "tokenizer.codebook" in saved["model"]  # the tokenizer is in the checkpoint
@@ -162,6 +163,20 @@ def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypat
                  "--train-subset", "256", "--epochs", "1", "--batch-size", "64", "--no-progress",
                  "--output-dir", str(student)])  # fmt: skip
     assert code == 0
+    from deit.ssl.transfer import load_backbone
+
+    assert load_backbone(pretrained)[0].pool == "mean"  # the probe reads what the run's kNN monitor read
+
+
+def test_beits_features_are_the_patch_tokens_mean_and_every_other_methods_the_class_token():
+    from deit.models import create_model
+    from deit.ssl.backbone import Backbone, pooling_for
+
+    vit = create_model("deit_pico_patch7_28", num_classes=10, in_chans=1).eval()
+    images = torch.randn(2, 1, 28, 28)
+    tokens = vit.forward_features(images)
+    assert torch.allclose(Backbone(vit, pool=pooling_for("beit"))(images), tokens[:, 1:].mean(dim=1), atol=1e-6)
+    assert torch.allclose(Backbone(vit, pool=pooling_for("simclr"))(images), tokens[:, 0], atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["kmeans", "dvae"])

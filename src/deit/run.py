@@ -29,7 +29,7 @@ from deit.models import VisionTransformer, is_deit_model, load_weights
 from deit.optim import WarmupCosine, build_optimizer
 from deit.pseudo_labels import PseudoLabels, PseudoLabelTeacher
 from deit.rng import seed_everything
-from deit.ssl.backbone import Backbone
+from deit.ssl.backbone import Backbone, pooling_for
 from deit.ssl.method import Method
 from deit.ssl.pretrain import MethodSetup, build_method, objective
 from deit.ssl.transfer import init_from_pretrained
@@ -260,7 +260,8 @@ def _self_supervised(
         std=data.info.std, seed=config.run.seed, layout=layout,
         build_encoder=lambda in_chans: dataclasses.replace(spec, in_chans=in_chans).build(),
     )  # fmt: skip
-    method = build_method(Backbone(model), config.pretrain, setup).to(next(model.parameters()).device)
+    backbone = Backbone(model, pool=pooling_for(config.pretrain.method))
+    method = build_method(backbone, config.pretrain, setup).to(next(model.parameters()).device)
     if method.step_input != "two views":  # BEiT, DeepCluster, CPC, CMC: one view of each image, a crop and a flip
         views = OneView(data.info.mean, data.info.std, scale=(0.4, 1.0), hflip=config.augment.hflip)
     else:

@@ -11,11 +11,22 @@ from deit.models import VisionTransformer, create_model
 from deit.models.cnn import SmallResNet
 
 
-class Backbone(nn.Module):
-    """Features of one image, (B, dim): our ViT's class token, a small ResNet's or a timm CNN's pooled map."""
+def pooling_for(method: str | None) -> str:
+    """How a ViT pretrained by ``method`` is read: BEiT's loss trains the patch tokens, never the class token, so
+    its features are the patch tokens' mean, as BEiT's own linear probe takes them; every other method's, the
+    class token."""
+    return "mean" if method == "beit" else "class"
 
-    def __init__(self, model: nn.Module) -> None:
+
+class Backbone(nn.Module):
+    """Features of one image, (B, dim): our ViT's class token (or with ``pool="mean"`` its patch tokens' mean),
+    a small ResNet's or a timm CNN's pooled map."""
+
+    def __init__(self, model: nn.Module, *, pool: str = "class") -> None:
         super().__init__()
+        if pool not in ("class", "mean"):
+            raise ValueError(f"pool {pool!r}: choose 'class' or 'mean'")
+        self.pool = pool
         if isinstance(model, VisionTransformer | SmallResNet):
             # the heads stay in the state dict (checkpoints keep the model's layout) but take no part: frozen, so
             # that DistributedDataParallel does not wait for their gradients
@@ -33,7 +44,8 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if isinstance(self.model, VisionTransformer):
-            return self.model.forward_features(images)[:, 0]
+            tokens = self.model.forward_features(images)
+            return tokens[:, self.model.num_prefix_tokens :].mean(dim=1) if self.pool == "mean" else tokens[:, 0]
         if isinstance(self.model, SmallResNet):
             return self.model.forward_features(images)
         return self.model(images)

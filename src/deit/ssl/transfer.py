@@ -26,7 +26,7 @@ from deit.checkpoint import Checkpoint, ModelSpec
 from deit.errors import ModelError
 from deit.models import VisionTransformer
 from deit.models.pos_embed import adapt_state_dict
-from deit.ssl.backbone import Backbone, classifier_heads
+from deit.ssl.backbone import Backbone, classifier_heads, pooling_for
 from deit.ssl.cmc import SECOND_VIEW_CHANNELS, TwoEncoders, ViewSplit
 
 log = logging.getLogger("deit")
@@ -69,8 +69,9 @@ def load_backbone(path: str | os.PathLike, *, random_init: bool = False) -> tupl
     """
     checkpoint = Checkpoint.load(path)
     weights = None if random_init else backbone_weights(checkpoint)
-    backbone = Backbone(_network(checkpoint.model_spec, weights, path))
-    if pretraining_method(checkpoint) != "cmc":
+    method = pretraining_method(checkpoint)
+    backbone = Backbone(_network(checkpoint.model_spec, weights, path), pool=pooling_for(method))
+    if method != "cmc":
         return backbone, checkpoint
     spec = dataclasses.replace(checkpoint.model_spec, in_chans=SECOND_VIEW_CHANNELS)
     if weights is not None:
