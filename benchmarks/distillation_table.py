@@ -175,7 +175,7 @@ def train_or_read(config, folder: Path) -> dict | None:
     started = time.perf_counter()
     result = fit(config)
     summary = {"minutes": (time.perf_counter() - started) / 60, "final": result.final, "history": result.history,
-               "resumed_from_epoch": done_before}  # fmt: skip
+               "resumed_from_epoch": done_before, "commit": commit()}  # fmt: skip
     summary_file.write_text(json.dumps(summary))
     return summary
 

@@ -68,12 +68,16 @@ def test_self_supervised_table_states_each_methods_epochs_and_judges_the_probe_a
         return [{"linear_acc1": acc, "knn_acc1": acc - 2} for acc in (pretrained, random_init, pixels)]
 
     pretrained = {
-        "simclr": [({"minutes": 24.0}, probe(88.5, 72.6, 83.6)), ({"minutes": 26.0}, probe(88.1, 72.4, 83.6))],
+        "simclr": [
+            ({"minutes": 24.0, "commit": "abc1234"}, probe(88.5, 72.6, 83.6)),
+            ({"minutes": 26.0, "commit": "def5678"}, probe(88.1, 72.4, 83.6)),
+        ],  # fmt: skip
         "moco": [({"minutes": 27.0}, probe(83.0, 72.6, 83.6))],
     }
     args = self_supervised.parse_args(["--output", str(tmp_path / "ssl.md"), "--fractions"])
     text = self_supervised.write(args, [], pretrained, {}, started=0.0)
-    assert "| simclr | 20 | 2 | 88.30 ± 0.28 | 86.30 ± 0.28 |" in text and "| 25.0 |" in text
+    assert "| simclr | 20 | 2 | 88.30 ± 0.28 | 86.30 ± 0.28 |" in text and "| 25.0 | abc1234, def5678 |" in text
+    assert "| 27.0 | not recorded |" in text  # moco's run predates the record
     assert f"| moco | {self_supervised.PRETRAIN_EPOCHS['moco']} | 1 | 83.00 |" in text
     assert "- simclr: the linear probe beats random init and raw pixels: **yes**" in text
     assert "- moco: the linear probe beats random init and raw pixels: **no**" in text  # 83.0 < pixels' 83.6
