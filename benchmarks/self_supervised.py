@@ -293,6 +293,12 @@ def goals(args: argparse.Namespace, pretrained: dict, few: dict) -> list[str]:
         lines.append(f"- {run_name(args, method)}: the linear probe beats random init and raw pixels: "
                      f"**{'yes' if beats else 'no'}**")  # fmt: skip
     if pretrained:
+        whole = {method: [summary["minutes"] for summary, _ in runs if not summary.get("resumed_from_epoch")]
+                 for method, runs in pretrained.items()}  # a resumed run timed only its rest  # fmt: skip
+        over = [f"{run_name(args, method)} {statistics.mean(times):.1f}" for method, times in whole.items()
+                if times and statistics.mean(times) > 30]  # fmt: skip
+        lines.append(f"- Each pretraining ≤ 30 minutes: **{'no' if over else 'yes'}**"
+                     + (f" ({', '.join(over)})" if over else ""))  # fmt: skip
         best = max(pretrained, key=lambda method: mean_of(pretrained[method], 0))
         met = mean_of(pretrained[best], 0) >= 88
         lines.append(f"- A linear probe ≥ 88 %: **{'yes' if met else 'no'}** (best: {run_name(args, best)}, "

@@ -82,6 +82,7 @@ def test_self_supervised_table_states_each_methods_epochs_and_judges_the_probe_a
     assert "- simclr: the linear probe beats random init and raw pixels: **yes**" in text
     assert "- moco: the linear probe beats random init and raw pixels: **no**" in text  # 83.0 < pixels' 83.6
     assert "- A linear probe ≥ 88 %: **yes** (best: simclr, 88.30)" in text
+    assert "- Each pretraining ≤ 30 minutes: **yes**" in text
     assert (tmp_path / "ssl.json").is_file() and (tmp_path / "ssl.md").read_text() == text
     assert "| simclr | 1 |" in self_supervised.report(self_supervised.parse_args(["--pretrain-epochs", "1"]), [],
                                                        pretrained, {}, 0.0)  # fmt: skip
