@@ -180,9 +180,14 @@ def train_or_read(config, folder: Path) -> dict | None:
     return summary
 
 
+def whole_run_minutes(summaries: list[dict]) -> list[float]:
+    """Wall minutes of the runs that ran whole in one invocation; a resumed run timed only its rest."""
+    return [summary["minutes"] for summary in summaries if not summary.get("resumed_from_epoch")]
+
+
 def whole_minutes(summaries: list[dict]) -> str:
-    """Mean wall minutes of the runs that ran whole in one invocation; a resumed run timed only its rest."""
-    whole = [summary["minutes"] for summary in summaries if not summary.get("resumed_from_epoch")]
+    """Mean wall minutes of the runs that ran whole in one invocation, and how many resumed runs are left out."""
+    whole = whole_run_minutes(summaries)
     resumed = len(summaries) - len(whole)
     note = f" ({resumed} resumed run(s) not counted)" if resumed else ""
     return (f"{statistics.mean(whole):.1f}" if whole else "n/a") + note

@@ -44,7 +44,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from distillation_table import commit, mean_std, train_or_read, whole_minutes
+from distillation_table import commit, mean_std, train_or_read, whole_minutes, whole_run_minutes
 
 from deit.config import PRETRAIN_METHODS, load_config, with_overrides
 from deit.data import build_probe_data
@@ -293,8 +293,7 @@ def goals(args: argparse.Namespace, pretrained: dict, few: dict) -> list[str]:
         lines.append(f"- {run_name(args, method)}: the linear probe beats random init and raw pixels: "
                      f"**{'yes' if beats else 'no'}**")  # fmt: skip
     if pretrained:
-        whole = {method: [summary["minutes"] for summary, _ in runs if not summary.get("resumed_from_epoch")]
-                 for method, runs in pretrained.items()}  # a resumed run timed only its rest  # fmt: skip
+        whole = {method: whole_run_minutes([summary for summary, _ in runs]) for method, runs in pretrained.items()}
         over = [f"{run_name(args, method)} {statistics.mean(times):.1f}" for method, times in whole.items()
                 if times and statistics.mean(times) > 30]  # fmt: skip
         lines.append(f"- Each pretraining ≤ 30 minutes: **{'no' if over else 'yes'}**"
