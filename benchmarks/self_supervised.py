@@ -23,6 +23,12 @@ fraction and seed:
 
 and, as the mark to reach, the same at 100 % of the labels.
 
+Part 3, each method fine-tuned: every CNN method's backbone ``--init`` into
+the fine-tuning recipe at 10 % and 100 % of the labels, beside the same CNN
+trained from scratch by that recipe. (BEiT's fine-tune is part 2's column,
+since it pretrains the student itself. CMC's ``--init`` keeps its first
+encoder, the one of the intensity view.)
+
     python benchmarks/self_supervised.py                        # the committed table
     python benchmarks/self_supervised.py --methods simclr --pretrain-epochs 1 --student-epochs 1 \\
         --finetune-epochs 1 --seeds 1 --fractions 0.1 --work-dir /tmp/ssl --output /tmp/ssl.md   # smoke
@@ -66,6 +72,7 @@ PRETRAIN_EPOCHS = {"simclr": 20, "moco": 15, "mocov3": 15, "byol": 15, "beit": 5
 # epochs (about half an hour a run here); at 1 % it would cost another such run for a column no goal reads.
 BEIT_FRACTIONS = (0.1, 1.0)
 BEIT_TARGETS = ("kmeans", "dvae", "pixels")
+SCRATCH = "from scratch"  # part 3's baseline row: the CNN at its initialisation, fine-tuned by the same recipe
 FEW_LABEL_COLUMNS = (
     "supervised",
     "supervised, BEiT's total epochs",
@@ -81,6 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="every method's (default: PRETRAIN_EPOCHS)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1], help="part 2; none: skip it")
+    parser.add_argument("--finetune-fractions", type=float, nargs="*", default=[0.1, 1.0],
+                        help="part 3: each CNN method fine-tuned at these label fractions; none: skip it")  # fmt: skip
     parser.add_argument("--simclrv2-method", choices=METHODS, default="simclr", help="whose backbone part 2 uses")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the pool, labelled images cycled")
     parser.add_argument("--student-epochs", type=int, default=10, help="epochs of the pool, as label_efficiency.py")
@@ -141,15 +150,34 @@ def probe(checkpoint: Path, seed: int) -> list[dict]:
     return scores
 
 
+def label_fraction_folder(args: argparse.Namespace, fraction: float, seed: int) -> Path:
+    return Path(args.work_dir) / f"labels{fraction:g}" / f"seed{seed}"
+
+
+def few_label_run(args: argparse.Namespace, fraction: float, seed: int, preset: str, folder: str, **overrides) -> dict:
+    """One run of parts 2 and 3 (trained, or read back if finished) at a label fraction and seed."""
+    work = label_fraction_folder(args, fraction, seed) / folder
+    values = {"data.label_fraction": fraction if fraction < 1 else None, "data.unlabeled_ratio": args.unlabeled_ratio,
+              "run.seed": seed, "run.resume": "auto", "run.progress": not args.no_progress,
+              "run.output_dir": str(work), **overrides}  # fmt: skip
+    return train_or_read(with_overrides(load_config(preset), values), work)
+
+
+def cnn_finetune(args: argparse.Namespace, fraction: float, seed: int, method: str, checkpoint: Path | None) -> dict:
+    """``method``'s pretrained CNN (None: the CNN from scratch) trained on the labels by ``FINETUNE_PRESET``."""
+    init = {} if checkpoint is None else {"model.init": str(checkpoint)}
+    return few_label_run(
+        args, fraction, seed, FINETUNE_PRESET, f"{method}_finetune" if checkpoint else "cnn_scratch",
+        **{"model.name": load_config(PRETRAIN_PRESET).model.name, "optim.epochs": args.finetune_epochs, **init},
+    )  # fmt: skip
+
+
 def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained: dict[str, Path]) -> dict[str, dict]:
     """Part 2's columns at one label fraction and seed; ``pretrained`` holds the checkpoints there are."""
-    work = Path(args.work_dir) / f"labels{fraction:g}" / f"seed{seed}"
-    common = {"data.label_fraction": fraction if fraction < 1 else None, "data.unlabeled_ratio": args.unlabeled_ratio,
-              "run.seed": seed, "run.resume": "auto", "run.progress": not args.no_progress}  # fmt: skip
+    work = label_fraction_folder(args, fraction, seed)
 
     def run(preset: str, folder: str, **overrides) -> dict:
-        values = {**common, "run.output_dir": str(work / folder), **overrides}
-        return train_or_read(with_overrides(load_config(preset), values), work / folder)
+        return few_label_run(args, fraction, seed, preset, folder, **overrides)
 
     results = {"supervised": run(STUDENT_PRESET, "supervised", **{"optim.epochs": args.student_epochs})}
     if "beit" in pretrained and fraction in BEIT_FRACTIONS:  # against the student from scratch for its total epochs
@@ -164,12 +192,8 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained:
     cnn = pretrained.get(args.simclrv2_method)
     if fraction >= 1 or cnn is None:
         return results
-    backbone = load_config(PRETRAIN_PRESET).model.name
     finetune = f"{args.simclrv2_method}_finetune"  # named by its backbone's method: two methods' runs never mix
-    results["pretrain + fine-tune (CNN)"] = run(
-        FINETUNE_PRESET, finetune,
-        **{"model.name": backbone, "model.init": str(cnn), "optim.epochs": args.finetune_epochs},
-    )  # fmt: skip
+    results["pretrain + fine-tune (CNN)"] = cnn_finetune(args, fraction, seed, args.simclrv2_method, cnn)
     results["SimCLRv2: pretrain + fine-tune + distil"] = run(
         STUDENT_PRESET, f"simclrv2_{args.simclrv2_method}",
         **{"optim.epochs": args.student_epochs, "distill.type": "hard",
@@ -200,23 +224,35 @@ def main(argv: list[str]) -> int:
             for column, summary in columns.items():
                 few.setdefault(fraction, {}).setdefault(column, []).append(summary)
             write(args, argv, pretrained, few, started)
-    print(write(args, argv, pretrained, few, started))
+    tuned: dict[str, dict[float, list[dict]]] = {}  # part 3: method (or SCRATCH) -> label fraction -> runs
+    for seed in range(args.seeds if args.finetune_fractions else 0):
+        checkpoints = {method: pretrain_folder(args, method, seed) / "checkpoint.pth"
+                       for method in args.methods if method != "beit"}  # fmt: skip
+        for fraction in args.finetune_fractions:
+            logging.info("each method fine-tuned, labels %g, seed %d", fraction, seed)
+            for method, checkpoint in [(SCRATCH, None), *checkpoints.items()]:
+                if checkpoint is None or checkpoint.is_file():
+                    summary = cnn_finetune(args, fraction, seed, method, checkpoint)
+                    tuned.setdefault(method, {}).setdefault(fraction, []).append(summary)
+                    write(args, argv, pretrained, few, started, tuned)
+    print(write(args, argv, pretrained, few, started, tuned))
     return 0
 
 
-def write(args, argv, pretrained, few, started) -> str:
+def write(args, argv, pretrained, few, started, tuned=None) -> str:
     """Write the table (and its JSON) with the runs so far; return its text."""
-    text = report(args, argv, pretrained, few, started)
+    text = report(args, argv, pretrained, few, started, tuned)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     Path(args.output).with_suffix(".json").write_text(json.dumps(
-        {"argv": argv, "commit": commit(), "pretrained": pretrained, "few_labels": {str(k): v for k, v in few.items()}},
+        {"argv": argv, "commit": commit(), "pretrained": pretrained, "few_labels": {str(k): v for k, v in few.items()},
+         "fine_tuned": {method: {str(k): v for k, v in runs.items()} for method, runs in (tuned or {}).items()}},
         indent=1,
     ))  # fmt: skip
     return text
 
 
-def report(args, argv, pretrained, few, started) -> str:
+def report(args, argv, pretrained, few, started, tuned=None) -> str:
     config = load_config(PRETRAIN_PRESET)
     lines = [
         "# Self-supervised pretraining on Fashion-MNIST",
@@ -274,8 +310,32 @@ def report(args, argv, pretrained, few, started) -> str:
             cells = [whole_minutes(columns[name]) if name in columns else "n/a"
                      for name in FEW_LABEL_COLUMNS]  # fmt: skip
             lines.append(f"| {fraction:.0%} | " + " | ".join(cells) + " |")
+    if tuned:
+        lines += ["", *fine_tuned_table(args, tuned)]
     lines += ["", "## Goals", "", *goals(args, pretrained, few)]
     return "\n".join(lines) + "\n"
+
+
+def fine_tuned_table(args: argparse.Namespace, tuned: dict[str, dict[float, list[dict]]]) -> list[str]:
+    """Part 3: top-1 and minutes of each method's CNN fine-tuned, per label fraction, beside the CNN from scratch."""
+    fractions = sorted({fraction for runs in tuned.values() for fraction in runs})
+    lines = [
+        "## Each method fine-tuned",
+        "",
+        f"`{load_config(PRETRAIN_PRESET).model.name}` trained on the labels by `{FINETUNE_PRESET}`'s recipe for "
+        f"{args.finetune_epochs} epochs of the pool, from each method's pretrained backbone (`deit train --init`) "
+        "or from scratch. CMC's is its first encoder (the intensity view's). Top-1 (%), and minutes per run.",
+        "",
+        "| start | " + " | ".join(f"{fraction:.0%} labels | minutes" for fraction in fractions) + " |",
+        "|---|" + "---:|---:|" * len(fractions),
+    ]
+    for method, runs in tuned.items():
+        cells = []
+        for fraction in fractions:
+            found = runs.get(fraction, [])
+            cells += [mean_std([run["final"]["acc1"] for run in found]), whole_minutes(found)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def trained_at(runs: list) -> str:

@@ -1,5 +1,6 @@
 """The arithmetic of the benchmark scripts that judges a table's goals (the scripts themselves train for hours)."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -213,3 +214,28 @@ def test_distillation_table_rows_time_whole_runs_only_and_name_the_students_lr(t
     assert "| 13.0 |" in next(line for line in text.splitlines() if line.startswith("| DeiT⚗: class head |"))
     assert "peak lr 0.002 at batch 512 after 1 warm-up epoch(s)" in text
     assert "| DeiT, hard distillation (no distillation token) | hard | not run yet |" in text
+
+
+def test_self_supervised_fine_tunes_each_cnn_method_beside_the_cnn_from_scratch(tmp_path, monkeypatch):
+    import self_supervised
+
+    folders = []
+    monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: folders.append((folder, config)) or {})
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path)])
+    self_supervised.cnn_finetune(args, 0.1, 0, self_supervised.SCRATCH, None)
+    self_supervised.cnn_finetune(args, 0.1, 0, "byol", tmp_path / "byol.pth")
+    self_supervised.few_labels(args, 0.1, 0, {"simclr": tmp_path / "simclr.pth"})
+    by_name = {folder.name: config for folder, config in folders}
+    assert by_name["cnn_scratch"].model.init is None and by_name["byol_finetune"].model.init.endswith("byol.pth")
+    assert by_name["simclr_finetune"].model == dataclasses.replace(by_name["byol_finetune"].model,
+                                                                   init=str(tmp_path / "simclr.pth"))  # fmt: skip
+    assert {config.data.label_fraction for config in by_name.values()} == {0.1}
+
+    def runs(*accuracies: float) -> list[dict]:
+        return [{"final": {"acc1": acc}, "minutes": 7.0} for acc in accuracies]
+
+    tuned = {self_supervised.SCRATCH: {0.1: runs(80.0, 81.0), 1.0: runs(90.0)}, "cpc": {0.1: runs(84.0)}}
+    text = self_supervised.report(args, [], {}, {}, 0.0, tuned)
+    assert "| start | 10% labels | minutes | 100% labels | minutes |" in text
+    assert "| from scratch | 80.50 ± 0.71 | 7.0 | 90.00 | 7.0 |" in text
+    assert "| cpc | 84.00 | 7.0 | not run yet | n/a |" in text
