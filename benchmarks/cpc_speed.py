@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deit.checkpoint import Checkpoint
 from deit.config import PretrainConfig
@@ -46,6 +48,45 @@ def build_cpc(checkpoint: Checkpoint, *, trained: bool) -> torch.nn.Module:
         missing = method.load_state_dict(weights, strict=False).missing_keys  # the classifier, unused by CPC
         assert all(key.startswith("backbone.model.fc.") for key in missing), missing
     return method
+
+
+def count_denormals(tensor: torch.Tensor) -> int:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    magnitude = tensor.detach().float().abs()
+    return int(((magnitude != 0) & (magnitude < TINY)).sum())
+
+
+class OperatorAudit(TorchDispatchMode):
+    """Every operator of a step (the backward's too): its calls, its seconds, and the denormals among its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0])  # calls, seconds, denormals, values
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [value for value in args if isinstance(value, torch.Tensor)]
+        start = time.perf_counter()
+        output = func(*args, **(kwargs or {}))
+        seconds = time.perf_counter() - start
+        shapes = " ".join("x".join(map(str, value.shape)) + f":{str(value.dtype)[6:]}" for value in inputs)
+        record = self.records[f"{func.__name__}({shapes})"]
+        record[0] += 1
+        record[1] += seconds
+        record[2] += sum(count_denormals(value) for value in inputs)
+        record[3] += sum(value.numel() for value in inputs if value.is_floating_point())
+        return output
+
+
+def audit_step(method, optimizer, images, precision) -> OperatorAudit:
+    audit = OperatorAudit()
+    with audit:
+        with precision.autocast():
+            loss = method(images)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return audit
 
 
 def denormal_gradients(method: torch.nn.Module) -> tuple[int, int]:
@@ -90,8 +131,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="runs/self_supervised/pretrain/cpc/seed0/checkpoint.pth")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch's threads (default: torch's choice)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     checkpoint = Checkpoint.load(args.checkpoint)
     train, _ = load_fashion_mnist(None, download=False)
@@ -114,6 +158,21 @@ def main() -> None:
             print(f"| {'trained' if trained else 'fresh'} | {'flushed' if flush else 'kept'} | {rate:.0f} "
                   f"| {denormals} of {total} | {operators} |")  # fmt: skip
     torch.set_flush_denormal(False)
+
+    print("\nThe operators whose time grows most from fresh to trained weights (one step each, denormals kept):\n")
+    audits = {}
+    for trained in (False, True):
+        method = build_cpc(checkpoint, trained=trained).train()
+        optimizer = torch.optim.AdamW(method.parameters(), lr=1e-6)
+        time_steps(method, optimizer, images, precision, 1)
+        audits[trained] = audit_step(method, optimizer, images, precision).records
+    grown = sorted(audits[True], key=lambda key: audits[True][key][1] - audits[False].get(key, [0, 0.0])[1])
+    print("| operator (inputs) | calls | ms fresh | ms trained | denormal share of inputs, trained |")
+    print("|---|---:|---:|---:|---:|")
+    for key in reversed(grown[-8:]):
+        calls, seconds, denormals, values = audits[True][key]
+        fresh = audits[False].get(key, [0, 0.0])[1]
+        print(f"| {key} | {calls} | {fresh * 1e3:.1f} | {seconds * 1e3:.1f} | {denormals / max(values, 1):.2%} |")
 
 
 if __name__ == "__main__":
