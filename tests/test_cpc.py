@@ -6,12 +6,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import needs_fashion_mnist
 from deit.errors import ModelError
 from deit.models import create_model
 from deit.ssl.backbone import Backbone
 from deit.ssl.cpc import CPC
+from deit.ssl.losses import flush_denormal_gradient
 
 
 def small_cpc(**options) -> CPC:
@@ -67,3 +70,41 @@ def test_a_cpc_run_predicts_the_rows_below_better_than_chance(tmp_path):
     chance = math.log(64 * 9)  # one true patch among the batch's 64 x 9
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["loss"] < chance - 0.5
     assert result.final["num_samples"] == 10000
+
+
+def test_a_softmax_gradient_below_the_smallest_normal_float_is_flushed_to_zero():
+    scores = torch.tensor([[0.0, -95.0, -1.0]], requires_grad=True)  # e^-95: a probability no fp32 normal holds
+    F.cross_entropy(scores, torch.tensor([0])).backward()
+    kept = scores.grad.clone()
+    assert 0 < kept[0, 1].abs() < torch.finfo(torch.float32).tiny  # what x86 multiplies slowly
+
+    scores.grad = None
+    F.cross_entropy(flush_denormal_gradient(scores), torch.tensor([0])).backward()
+    assert scores.grad[0, 1] == 0 and torch.equal(scores.grad[0, [0, 2]], kept[0, [0, 2]])
+
+
+class MatrixProductInputs(TorchDispatchMode):
+    """The denormal values among the inputs of every matrix product, the backward pass's included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.denormals = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            for value in args:
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    magnitude = value.abs()
+                    self.denormals += int(((magnitude > 0) & (magnitude < torch.finfo(value.dtype).tiny)).sum())
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpcs_backward_multiplies_no_denormal_once_its_scores_grow_far_apart():
+    cpc = small_cpc()
+    with torch.no_grad():
+        for predictor in cpc.predictors:
+            predictor.weight.mul_(1e3)  # as after training: the true patch scores far above the others
+    audit = MatrixProductInputs()
+    with audit:
+        cpc.losses(torch.randn(8, 1, 28, 28))["loss"].backward()
+    assert audit.denormals == 0

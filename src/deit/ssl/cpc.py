@@ -22,6 +22,7 @@ from torch import nn
 from deit.errors import ModelError
 from deit.models import VisionTransformer
 from deit.ssl.backbone import Backbone
+from deit.ssl.losses import flush_denormal_gradient
 from deit.ssl.method import Method
 
 
@@ -63,6 +64,7 @@ class CPC(Method):
             for step, predictor in enumerate(self.predictors, start=1):
                 predicted = predictor(context[:, :-step]).reshape(-1, dim)  # rows 0 .. G - step - 1
                 positives = index[:, step:].reshape(-1)  # the patch ``step`` rows below each
-                total = total + F.cross_entropy(predicted @ candidates.T, positives)
+                scores = flush_denormal_gradient(predicted @ candidates.T)  # unnormalised: they grow apart
+                total = total + F.cross_entropy(scores, positives)
         loss = total / len(self.predictors)
         return {"loss": loss, "contrastive_loss": loss.detach()}
