@@ -97,7 +97,7 @@ def flush_denormal_gradient(scores: torch.Tensor) -> torch.Tensor:
 
     Unnormalised scores (CPC's) grow apart as a network learns, until a softmax
     gives many candidates a probability below 1.2e-38: a denormal number, which
-    x86 CPUs multiply in microcode, tens of times slower. The matrix products of
+    x86 CPUs multiply in microcode, many times slower. The matrix products of
     the backward pass then slow down with training (CPC's run went from 545 to
     368 images/s). ``torch.set_flush_denormal`` would flush them, but only on the
     thread that calls it, not on the threads that share a product. A denormal is
