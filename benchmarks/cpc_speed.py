@@ -78,50 +78,39 @@ class OperatorAudit(TorchDispatchMode):
         return output
 
 
+def train_step(method, optimizer, images, precision) -> None:
+    """One step of the run: forward and loss under its autocast, backward, AdamW."""
+    with precision.autocast():
+        loss = method(images)["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def audit_step(method, optimizer, images, precision) -> OperatorAudit:
     audit = OperatorAudit()
     with audit:
-        with precision.autocast():
-            loss = method(images)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(method, optimizer, images, precision)
     return audit
 
 
 def denormal_gradients(method: torch.nn.Module) -> tuple[int, int]:
-    counts = [0, 0]
-    for parameter in method.parameters():
-        if parameter.grad is not None:
-            grad = parameter.grad.float()
-            counts[0] += int(((grad != 0) & (grad.abs() < TINY)).sum())
-            counts[1] += grad.numel()
-    return counts[0], counts[1]
+    grads = [parameter.grad for parameter in method.parameters() if parameter.grad is not None]
+    return sum(count_denormals(grad) for grad in grads), sum(grad.numel() for grad in grads)
 
 
 def time_steps(method, optimizer, images, precision, steps: int) -> float:
-    def step() -> None:
-        with precision.autocast():
-            loss = method(images)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     for _ in range(2):
-        step()
+        train_step(method, optimizer, images, precision)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(method, optimizer, images, precision)
     return steps * len(images) / (time.perf_counter() - start)
 
 
 def top_operators(method, optimizer, images, precision, count: int = 6) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        with precision.autocast():
-            loss = method(images)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(method, optimizer, images, precision)
     events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)[:count]
     return ", ".join(f"{event.key} {event.self_cpu_time_total / 1e3:.0f} ms" for event in events)
 
