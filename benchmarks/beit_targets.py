@@ -63,7 +63,7 @@ def measure(args: argparse.Namespace, target: str, seed: int) -> dict:
     """One target and seed: its pretraining, its probe, and the student at a tenth of the labels from it and not."""
     options = table_args(args, target)
     summary, checkpoint = self_supervised.pretrain(options, "beit", seed)
-    probe = self_supervised.probe(checkpoint, seed)
+    probe = self_supervised.probe(options, checkpoint, seed)
     students = self_supervised.few_labels(options, FRACTION, seed, {"beit": checkpoint})
     tokenizer = None if target == "pixels" else PatchTokenizer.load(self_supervised.tokenizer(options)).info
     return {

@@ -34,7 +34,12 @@ encoder, the one of the intensity view.)
         --finetune-epochs 1 --seeds 1 --fractions 0.1 --work-dir /tmp/ssl --output /tmp/ssl.md   # smoke
 
 Runs live under --work-dir; finished runs (and their probes) are read, not redone, so an
-interrupted table continues where it stopped.
+interrupted table continues where it stopped. The table's JSON records every finished run with its
+folder, and a new --work-dir (a fresh clone, a new machine) is first filled with those records, so the
+table continues there too. A run downstream of a pretraining (a fine-tune, SimCLRv2's student) needs
+the pretrained checkpoint, which is not committed: it trains only where that checkpoint is on disk, and
+is read back where it already finished. ``--report-only`` trains nothing and writes the table of the
+runs that are finished.
 """
 
 from __future__ import annotations
@@ -99,13 +104,54 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--work-dir", default="runs/self_supervised")
     parser.add_argument("--output", default="benchmarks/results/self_supervised.md")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: the table of the finished runs")
     return parser.parse_args(argv)
 
 
-def tokenizer(args: argparse.Namespace) -> Path:
-    """BEiT's visual tokenizer (``--beit-target`` kmeans or dvae) for 7 px patches of Fashion-MNIST, fitted once."""
+def finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` finished (its summary is written last, after the final evaluation)."""
+    return (folder / "summary.json").is_file()
+
+
+def run_or_read(args: argparse.Namespace, config, folder: Path) -> dict | None:
+    """The run in ``folder``, trained if need be, with its folder under --work-dir; None if --report-only and
+    it has not finished."""
+    if args.report_only and not finished(folder):
+        return None
+    summary = train_or_read(config, folder)
+    return summary if summary is None else {**summary, "folder": folder.relative_to(args.work_dir).as_posix()}
+
+
+def restore_finished_runs(args: argparse.Namespace) -> int:
+    """Write the finished runs that the table's JSON records (summary, and a pretraining's probe) into
+    --work-dir where their folders are missing; returns how many. Checkpoints are not in the record."""
+    saved = Path(args.output).with_suffix(".json")
+    if not saved.is_file():
+        return 0
+    table = json.loads(saved.read_text())
+    records = [(summary, probe) for runs in table.get("pretrained", {}).values() for summary, probe in runs]
+    records += [(summary, None) for part in ("few_labels", "fine_tuned") for runs in table.get(part, {}).values()
+                for summaries in runs.values() for summary in summaries]  # fmt: skip
+    restored = 0
+    for summary, probe in records:
+        if "folder" not in summary:  # recorded before runs named their folders
+            continue
+        folder = Path(args.work_dir) / summary["folder"]
+        if finished(folder):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        if probe is not None:
+            (folder / "probe.json").write_text(json.dumps(probe, indent=1))
+        (folder / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "folder"}))
+        restored += 1
+    return restored
+
+
+def tokenizer(args: argparse.Namespace, *, fit: bool = True) -> Path:
+    """BEiT's visual tokenizer (``--beit-target`` kmeans or dvae) for 7 px patches of Fashion-MNIST, fitted once
+    (unless not ``fit``: only its path, for a run that will not train)."""
     path = Path(args.work_dir) / f"tokenizer-{args.beit_target}-p7-256.safetensors"
-    if not path.is_file():
+    if fit and not path.is_file():
         train_loader, val_loader, info = build_probe_data("fashion-mnist", None, batch_size=1024)
         images, held_out = (torch.cat([batch for batch, _ in loader]) for loader in (train_loader, val_loader))
         train_tokenizer(images, patch_size=7, codebook_size=256, dataset=info.name, kind=args.beit_target,
@@ -135,16 +181,18 @@ def pretrain(args: argparse.Namespace, method: str, seed: int) -> tuple[dict, Pa
         if args.beit_target == "pixels":
             overrides["pretrain.mask_target"] = "pixels"
         else:
-            overrides["pretrain.tokenizer"] = str(tokenizer(args))
+            overrides["pretrain.tokenizer"] = str(tokenizer(args, fit=not (finished(folder) or args.report_only)))
     overrides["optim.epochs"] = pretrain_epochs(args, method)
-    return train_or_read(with_overrides(load_config(PRETRAIN_PRESET), overrides), folder), folder / "checkpoint.pth"
+    return run_or_read(args, with_overrides(load_config(PRETRAIN_PRESET), overrides), folder), folder / "checkpoint.pth"
 
 
-def probe(checkpoint: Path, seed: int) -> list[dict]:
+def probe(args: argparse.Namespace, checkpoint: Path, seed: int) -> list[dict] | None:
     """The linear probe of ``checkpoint`` and its baselines, on all the labels; kept beside the run."""
     saved = checkpoint.parent / "probe.json"
     if saved.is_file():
         return json.loads(saved.read_text())
+    if args.report_only:
+        return None
     scores = [asdict(score) for score in probe_checkpoint(checkpoint, seed=seed, device="auto", amp="auto")]
     saved.write_text(json.dumps(scores, indent=1))
     return scores
@@ -154,73 +202,95 @@ def label_fraction_folder(args: argparse.Namespace, fraction: float, seed: int) 
     return Path(args.work_dir) / f"labels{fraction:g}" / f"seed{seed}"
 
 
-def few_label_run(args: argparse.Namespace, fraction: float, seed: int, preset: str, folder: str, **overrides) -> dict:
+def few_label_run(
+    args: argparse.Namespace, fraction: float, seed: int, preset: str, folder: str, **overrides
+) -> dict | None:
     """One run of parts 2 and 3 (trained, or read back if finished) at a label fraction and seed."""
     work = label_fraction_folder(args, fraction, seed) / folder
     values = {"data.label_fraction": fraction if fraction < 1 else None, "data.unlabeled_ratio": args.unlabeled_ratio,
               "run.seed": seed, "run.resume": "auto", "run.progress": not args.no_progress,
               "run.output_dir": str(work), **overrides}  # fmt: skip
-    return train_or_read(with_overrides(load_config(preset), values), work)
+    return run_or_read(args, with_overrides(load_config(preset), values), work)
 
 
-def cnn_finetune(args: argparse.Namespace, fraction: float, seed: int, method: str, checkpoint: Path | None) -> dict:
+def cnn_finetune_folder(method: str) -> str:
+    return "cnn_scratch" if method == SCRATCH else f"{method}_finetune"
+
+
+def cnn_finetune(
+    args: argparse.Namespace, fraction: float, seed: int, method: str, checkpoint: Path | None
+) -> dict | None:
     """``method``'s pretrained CNN (None: the CNN from scratch) trained on the labels by ``FINETUNE_PRESET``."""
     init = {} if checkpoint is None else {"model.init": str(checkpoint)}
     return few_label_run(
-        args, fraction, seed, FINETUNE_PRESET, f"{method}_finetune" if checkpoint else "cnn_scratch",
+        args, fraction, seed, FINETUNE_PRESET, cnn_finetune_folder(method),
         **{"model.name": load_config(PRETRAIN_PRESET).model.name, "optim.epochs": args.finetune_epochs, **init},
     )  # fmt: skip
 
 
-def few_labels(args: argparse.Namespace, fraction: float, seed: int, pretrained: dict[str, Path]) -> dict[str, dict]:
-    """Part 2's columns at one label fraction and seed; ``pretrained`` holds the checkpoints there are."""
+def few_labels(args: argparse.Namespace, fraction: float, seed: int, checkpoints: dict[str, Path]) -> dict[str, dict]:
+    """Part 2's columns at one label fraction and seed, from the pretrained ``checkpoints`` (method -> path).
+
+    A column trains where the checkpoint it starts from is on disk, and is read back where it finished;
+    otherwise it is left out.
+    """
     work = label_fraction_folder(args, fraction, seed)
 
-    def run(preset: str, folder: str, **overrides) -> dict:
+    def run(preset: str, folder: str, **overrides) -> dict | None:
         return few_label_run(args, fraction, seed, preset, folder, **overrides)
 
+    def ready(start: Path | None, folder: str) -> bool:
+        return (start is not None and start.is_file()) or finished(work / folder)
+
     results = {"supervised": run(STUDENT_PRESET, "supervised", **{"optim.epochs": args.student_epochs})}
-    if "beit" in pretrained and fraction in BEIT_FRACTIONS:  # against the student from scratch for its total epochs
+    beit, beit_folder = checkpoints.get("beit"), f"{run_name(args, 'beit')}_finetune"
+    if fraction in BEIT_FRACTIONS and ready(beit, beit_folder):  # against the student from scratch, its total epochs
         epochs = pretrain_epochs(args, "beit")
         results["supervised, BEiT's total epochs"] = run(
             STUDENT_PRESET, "supervised_long", **{"optim.epochs": args.student_epochs + epochs}
         )
         results["BEiT + fine-tune"] = run(
-            STUDENT_PRESET, f"{run_name(args, 'beit')}_finetune",
-            **{"optim.epochs": args.student_epochs, "model.init": str(pretrained["beit"])},
-        )  # fmt: skip
-    cnn = pretrained.get(args.simclrv2_method)
-    if fraction >= 1 or cnn is None:
-        return results
-    finetune = f"{args.simclrv2_method}_finetune"  # named by its backbone's method: two methods' runs never mix
+            STUDENT_PRESET, beit_folder, **{"optim.epochs": args.student_epochs, "model.init": str(beit)}
+        )
+    cnn = checkpoints.get(args.simclrv2_method)
+    finetune = cnn_finetune_folder(args.simclrv2_method)  # named by its backbone's method: two methods' never mix
+    if fraction >= 1 or not ready(cnn, finetune):
+        return {column: summary for column, summary in results.items() if summary is not None}
     results["pretrain + fine-tune (CNN)"] = cnn_finetune(args, fraction, seed, args.simclrv2_method, cnn)
-    results["SimCLRv2: pretrain + fine-tune + distil"] = run(
-        STUDENT_PRESET, f"simclrv2_{args.simclrv2_method}",
-        **{"optim.epochs": args.student_epochs, "distill.type": "hard",
-           "distill.teacher_path": str(work / finetune / "checkpoint.pth"), "run.eval_teacher": False},
-    )  # fmt: skip
-    return results
+    student, teacher = f"simclrv2_{args.simclrv2_method}", work / finetune / "checkpoint.pth"
+    if ready(teacher, student):
+        results["SimCLRv2: pretrain + fine-tune + distil"] = run(
+            STUDENT_PRESET, student,
+            **{"optim.epochs": args.student_epochs, "distill.type": "hard", "distill.teacher_path": str(teacher),
+               "run.eval_teacher": False},
+        )  # fmt: skip
+    return {column: summary for column, summary in results.items() if summary is not None}
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
+    restored = restore_finished_runs(args)  # before the first write replaces the JSON they are read from
+    if restored:
+        logging.info("%d finished run(s) restored into %s from %s", restored, args.work_dir,
+                     Path(args.output).with_suffix(".json"))  # fmt: skip
     pretrained: dict[str, list[tuple[dict, list[dict]]]] = {}
     for seed in range(args.seeds):
         for method in args.methods:
             logging.info("pretrain %s, seed %d", method, seed)
             summary, checkpoint = pretrain(args, method, seed)
-            pretrained.setdefault(method, []).append((summary, probe(checkpoint, seed)))
-            write(args, argv, pretrained, {}, started)  # a table after every run, so a stopped one shows its rows
+            scores = None if summary is None else probe(args, checkpoint, seed)
+            if scores is not None:
+                pretrained.setdefault(method, []).append((summary, scores))
+                write(args, argv, pretrained, {}, started)  # a table after every run, so a stopped one shows its rows
     few: dict[float, dict[str, list[dict]]] = {}
     for seed in range(args.seeds if args.fractions else 0):
         checkpoints = {method: pretrain_folder(args, method, seed) / "checkpoint.pth"
                        for method in (args.simclrv2_method, "beit")}  # fmt: skip
-        found = {method: path for method, path in checkpoints.items() if path.is_file()}
         for fraction in [*args.fractions, 1.0]:
             logging.info("labels %g, seed %d", fraction, seed)
-            columns = few_labels(args, fraction, seed, found)
+            columns = few_labels(args, fraction, seed, checkpoints)
             for column, summary in columns.items():
                 few.setdefault(fraction, {}).setdefault(column, []).append(summary)
             write(args, argv, pretrained, few, started)
@@ -230,11 +300,13 @@ def main(argv: list[str]) -> int:
                        for method in args.methods if method != "beit"}  # fmt: skip
         for fraction in args.finetune_fractions:
             logging.info("each method fine-tuned, labels %g, seed %d", fraction, seed)
+            done = label_fraction_folder(args, fraction, seed)
             for method, checkpoint in [(SCRATCH, None), *checkpoints.items()]:
-                if checkpoint is None or checkpoint.is_file():
+                if checkpoint is None or checkpoint.is_file() or finished(done / cnn_finetune_folder(method)):
                     summary = cnn_finetune(args, fraction, seed, method, checkpoint)
-                    tuned.setdefault(method, {}).setdefault(fraction, []).append(summary)
-                    write(args, argv, pretrained, few, started, tuned)
+                    if summary is not None:
+                        tuned.setdefault(method, {}).setdefault(fraction, []).append(summary)
+                        write(args, argv, pretrained, few, started, tuned)
     print(write(args, argv, pretrained, few, started, tuned))
     return 0
 
@@ -261,7 +333,7 @@ def report(args, argv, pretrained, few, started, tuned=None) -> str:
         "",
         f"Written at commit {commit()}, each row trained at the commit it names; this invocation took "
         f"{(time.perf_counter() - started) / 60:.0f} min (finished runs are read, not retrained). Mean ± std over "
-        "seeds; top-1 (%) on the 10,000 test images.",
+        "seeds (a figure without ± is one seed); top-1 (%) on the 10,000 test images.",
         "",
         "## The representation",
         "",

@@ -126,6 +126,7 @@ def test_self_supervised_keeps_each_beit_targets_runs_apart_and_shares_the_super
     folders = []
     monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: folders.append(folder) or {})
     checkpoint = {"beit": tmp_path / "beit.pth"}
+    checkpoint["beit"].touch()
     for target in self_supervised.BEIT_TARGETS:
         args = self_supervised.parse_args(["--work-dir", str(tmp_path), "--beit-target", target])
         self_supervised.few_labels(args, 0.1, 0, checkpoint)
@@ -224,6 +225,7 @@ def test_self_supervised_fine_tunes_each_cnn_method_beside_the_cnn_from_scratch(
     args = self_supervised.parse_args(["--work-dir", str(tmp_path)])
     self_supervised.cnn_finetune(args, 0.1, 0, self_supervised.SCRATCH, None)
     self_supervised.cnn_finetune(args, 0.1, 0, "byol", tmp_path / "byol.pth")
+    (tmp_path / "simclr.pth").touch()
     self_supervised.few_labels(args, 0.1, 0, {"simclr": tmp_path / "simclr.pth"})
     by_name = {folder.name: config for folder, config in folders}
     assert by_name["cnn_scratch"].model.init is None and by_name["byol_finetune"].model.init.endswith("byol.pth")
@@ -239,3 +241,51 @@ def test_self_supervised_fine_tunes_each_cnn_method_beside_the_cnn_from_scratch(
     assert "| start | 10% labels | minutes | 100% labels | minutes |" in text
     assert "| from scratch | 80.50 ± 0.71 | 7.0 | 90.00 | 7.0 |" in text
     assert "| cpc | 84.00 | 7.0 | not run yet | n/a |" in text
+
+
+def test_self_supervised_restores_the_recorded_runs_into_a_new_work_dir_and_reads_them_back(tmp_path, monkeypatch):
+    import json
+
+    import self_supervised
+
+    trained = []
+    monkeypatch.setattr(distillation_table, "fit", lambda config: trained.append(config.run.output_dir))
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "ssl.md")])
+    probe = [{"linear_acc1": 88.0, "knn_acc1": 86.0}] * 3
+    summary = {"minutes": 25.0, "final": {"acc1": 86.0}, "history": [], "commit": "abc1234"}
+    table = {
+        "pretrained": {"simclr": [({**summary, "folder": "pretrain/simclr/seed0"}, probe)],
+                       "byol": [(summary, probe)]},  # recorded before runs named their folders: not restored
+        "few_labels": {"0.1": {"supervised": [{**summary, "folder": "labels0.1/seed0/supervised"}],
+                               "pretrain + fine-tune (CNN)": [{**summary, "folder": "labels0.1/seed0/simclr_finetune"}],
+                               "SimCLRv2: pretrain + fine-tune + distil": [
+                                   {**summary, "folder": "labels0.1/seed0/simclrv2_simclr"}]}},
+    }  # fmt: skip
+    (tmp_path / "ssl.json").write_text(json.dumps(table))
+    assert self_supervised.restore_finished_runs(args) == 4
+    assert self_supervised.restore_finished_runs(args) == 0  # never over a run that is there
+    assert json.loads((tmp_path / "runs/pretrain/simclr/seed0/probe.json").read_text()) == probe
+
+    read, checkpoint = self_supervised.pretrain(args, "simclr", 0)
+    assert read == {**summary, "folder": "pretrain/simclr/seed0"} and not checkpoint.is_file()
+    assert self_supervised.probe(args, checkpoint, 0) == probe
+    # the pretrained checkpoint is gone, yet its finished fine-tune and student are read; nothing retrains
+    columns = self_supervised.few_labels(args, 0.1, 0, {"simclr": checkpoint, "beit": tmp_path / "none.pth"})
+    assert set(columns) == {"supervised", "pretrain + fine-tune (CNN)", "SimCLRv2: pretrain + fine-tune + distil"}
+    assert columns["SimCLRv2: pretrain + fine-tune + distil"]["folder"] == "labels0.1/seed0/simclrv2_simclr"
+    assert trained == []
+    # at 1 % nothing is finished and the checkpoint is gone: only the supervised student can train
+    monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: {})
+    assert set(self_supervised.few_labels(args, 0.01, 0, {"simclr": checkpoint})) == {"supervised"}
+
+
+def test_self_supervised_report_only_trains_nothing_and_leaves_unfinished_runs_out(tmp_path, monkeypatch):
+    import self_supervised
+
+    monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: pytest.fail(f"trained {folder}"))
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path), "--report-only"])
+    summary, checkpoint = self_supervised.pretrain(args, "moco", 1)
+    assert summary is None and self_supervised.probe(args, checkpoint, 1) is None
+    (tmp_path / "simclr.pth").touch()  # a checkpoint on disk does not make --report-only train from it
+    assert self_supervised.few_labels(args, 0.1, 0, {"simclr": tmp_path / "simclr.pth"}) == {}
+    assert self_supervised.cnn_finetune(args, 1.0, 0, self_supervised.SCRATCH, None) is None
