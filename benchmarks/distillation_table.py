@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from deit.analysis import figures
+from deit.benchmark import matmul_peak_gflops
 from deit.config import load_config, with_overrides
 from deit.training import fit
 
@@ -172,12 +173,26 @@ def train_or_read(config, folder: Path) -> dict | None:
     metrics = folder / "metrics.jsonl"
     # a run that resumes times only what is left of it: say where it resumed, so a table need not count it as whole
     done_before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    speed = machine_speed()
     started = time.perf_counter()
     result = fit(config)
     summary = {"minutes": (time.perf_counter() - started) / 60, "final": result.final, "history": result.history,
-               "resumed_from_epoch": done_before, "commit": commit()}  # fmt: skip
+               "resumed_from_epoch": done_before, "commit": commit(), "matmul_gflops": speed}  # fmt: skip
     summary_file.write_text(json.dumps(summary))
     return summary
+
+
+def machine_speed() -> dict[str, int]:
+    """The machine's fp32 and bf16 matmul GFLOP/s, measured just before a run (a few seconds). Machines of the
+    project's kind differ by up to 2× (136 against 213 fp32 seen), so a run's minutes are read beside this."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {dtype: round(matmul_peak_gflops(dtype, device)) for dtype in ("fp32", "bf16")}
+
+
+def machines(summaries: list[dict]) -> str:
+    """The fp32 / bf16 matmul GFLOP/s of the machines the runs trained on, or "not measured" (older runs)."""
+    speeds = [summary["matmul_gflops"] for summary in summaries if "matmul_gflops" in summary]
+    return ", ".join(dict.fromkeys(f"{speed['fp32']} / {speed['bf16']}" for speed in speeds)) or "not measured"
 
 
 def whole_run_minutes(summaries: list[dict]) -> list[float]:

@@ -55,7 +55,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from distillation_table import commit, mean_std, train_or_read, whole_minutes, whole_run_minutes
+from distillation_table import commit, machines, mean_std, train_or_read, whole_minutes, whole_run_minutes
 
 from deit.config import PRETRAIN_METHODS, load_config, with_overrides
 from deit.data import build_probe_data
@@ -344,8 +344,8 @@ def report(args, argv, pretrained, few, started, tuned=None) -> str:
         "k = 20, T = 0.07, cosine.",
         "",
         "| method | epochs | seeds | linear probe | kNN | random init: linear / kNN | raw pixels: linear / kNN "
-        "| minutes per run | trained at |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| minutes per run | machine: matmul GFLOP/s, fp32 / bf16 | trained at |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for method, runs in pretrained.items():
         scores = [probe for _, probe in runs]
@@ -357,7 +357,8 @@ def report(args, argv, pretrained, few, started, tuned=None) -> str:
         lines.append(
             f"| {run_name(args, method)} | {pretrain_epochs(args, method)} | {len(runs)} | {column(0, 'linear_acc1')} "
             f"| {column(0, 'knn_acc1')} | {column(1, 'linear_acc1')} / {column(1, 'knn_acc1')} "
-            f"| {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes} | {trained_at(runs)} |"
+            f"| {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes} "
+            f"| {machines([summary for summary, _ in runs])} | {trained_at(runs)} |"
         )
     if few:
         header = ["| labels | " + " | ".join(FEW_LABEL_COLUMNS) + " |", "|---|" + "---:|" * len(FEW_LABEL_COLUMNS)]

@@ -70,15 +70,22 @@ def test_self_supervised_table_states_each_methods_epochs_and_judges_the_probe_a
 
     pretrained = {
         "simclr": [
-            ({"minutes": 24.0, "commit": "abc1234"}, probe(88.5, 72.6, 83.6)),
-            ({"minutes": 26.0, "commit": "def5678"}, probe(88.1, 72.4, 83.6)),
+            (
+                {"minutes": 24.0, "commit": "abc1234", "matmul_gflops": {"fp32": 213, "bf16": 884}},
+                probe(88.5, 72.6, 83.6),
+            ),
+            (
+                {"minutes": 26.0, "commit": "def5678", "matmul_gflops": {"fp32": 136, "bf16": 389}},
+                probe(88.1, 72.4, 83.6),
+            ),
         ],  # fmt: skip
         "moco": [({"minutes": 27.0}, probe(83.0, 72.6, 83.6))],
     }
     args = self_supervised.parse_args(["--output", str(tmp_path / "ssl.md"), "--fractions"])
     text = self_supervised.write(args, [], pretrained, {}, started=0.0)
-    assert "| simclr | 20 | 2 | 88.30 ± 0.28 | 86.30 ± 0.28 |" in text and "| 25.0 | abc1234, def5678 |" in text
-    assert "| 27.0 | not recorded |" in text  # moco's run predates the record
+    assert "| simclr | 20 | 2 | 88.30 ± 0.28 | 86.30 ± 0.28 |" in text
+    assert "| 25.0 | 213 / 884, 136 / 389 | abc1234, def5678 |" in text
+    assert "| 27.0 | not measured | not recorded |" in text  # moco's run predates both records
     assert f"| moco | {self_supervised.PRETRAIN_EPOCHS['moco']} | 1 | 83.00 |" in text
     assert "- simclr: the linear probe beats random init and raw pixels: **yes**" in text
     assert "- moco: the linear probe beats random init and raw pixels: **no**" in text  # 83.0 < pixels' 83.6
@@ -192,8 +199,10 @@ def test_train_or_read_records_the_epoch_a_run_resumed_from(tmp_path, monkeypatc
         final, history = {"acc1": 50.0}, [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
 
     monkeypatch.setattr(distillation_table, "fit", lambda config: Result())
+    monkeypatch.setattr(distillation_table, "machine_speed", lambda: {"fp32": 136, "bf16": 389})
     summary = distillation_table.train_or_read(None, folder)
     assert summary["resumed_from_epoch"] == 2 and summary["final"] == {"acc1": 50.0}
+    assert summary["matmul_gflops"] == {"fp32": 136, "bf16": 389}  # the machine it ran on, beside its minutes
     assert distillation_table.train_or_read(None, folder) == summary  # read back, not retrained
 
 
