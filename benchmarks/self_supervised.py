@@ -99,6 +99,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the pool, labelled images cycled")
     parser.add_argument("--student-epochs", type=int, default=10, help="epochs of the pool, as label_efficiency.py")
     parser.add_argument("--unlabeled-ratio", type=float, default=0.75, help="unlabelled share of the SimCLRv2 batches")
+    parser.add_argument("--simclrv2-distillation", choices=("hard", "soft"), default="hard",
+                        help="its student: DeiT's hard distillation, or SimCLRv2's own soft one (tau 1)")  # fmt: skip
     parser.add_argument("--beit-target", choices=BEIT_TARGETS, default="kmeans", help="a masked patch's: k-means "
                         "token, dVAE token, or its pixels")  # fmt: skip
     parser.add_argument("--work-dir", default="runs/self_supervised")
@@ -258,11 +260,13 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, checkpoints
         return {column: summary for column, summary in results.items() if summary is not None}
     results["pretrain + fine-tune (CNN)"] = cnn_finetune(args, fraction, seed, args.simclrv2_method, cnn)
     student, teacher = f"simclrv2_{args.simclrv2_method}", work / finetune / "checkpoint.pth"
+    if args.simclrv2_distillation != "hard":  # the table's is hard: its folder keeps the name it had
+        student += f"_{args.simclrv2_distillation}"
     if ready(teacher, student):
         results["SimCLRv2: pretrain + fine-tune + distil"] = run(
             STUDENT_PRESET, student,
-            **{"optim.epochs": args.student_epochs, "distill.type": "hard", "distill.teacher_path": str(teacher),
-               "run.eval_teacher": False},
+            **{"optim.epochs": args.student_epochs, "distill.type": args.simclrv2_distillation,
+               "distill.teacher_path": str(teacher), "run.eval_teacher": False},
         )  # fmt: skip
     return {column: summary for column, summary in results.items() if summary is not None}
 
@@ -369,8 +373,9 @@ def report(args, argv, pretrained, few, started, tuned=None) -> str:
             f"The DeiT student (`{load_config(STUDENT_PRESET).model.name}`) trains for {args.student_epochs} epochs "
             f"of the 60,000-image pool; with a fraction of the labels, the labelled images are cycled. "
             f"Pretrain + fine-tune: the {args.simclrv2_method} backbone, `--init` into `{FINETUNE_PRESET}`'s recipe, "
-            f"{args.finetune_epochs} epochs of the pool. SimCLRv2: that network teaches the student by hard "
-            f"distillation on all the images, {args.unlabeled_ratio:.0%} of each batch unlabelled.",
+            f"{args.finetune_epochs} epochs of the pool. SimCLRv2: that network teaches the student by "
+            f"{args.simclrv2_distillation} distillation on all the images, {args.unlabeled_ratio:.0%} of each batch "
+            "unlabelled.",
             "",
             *header,
         ]

@@ -235,12 +235,19 @@ def test_self_supervised_fine_tunes_each_cnn_method_beside_the_cnn_from_scratch(
     self_supervised.cnn_finetune(args, 0.1, 0, self_supervised.SCRATCH, None)
     self_supervised.cnn_finetune(args, 0.1, 0, "byol", tmp_path / "byol.pth")
     (tmp_path / "simclr.pth").touch()
+    (tmp_path / "labels0.1/seed0/simclr_finetune").mkdir(parents=True)
+    (tmp_path / "labels0.1/seed0/simclr_finetune/checkpoint.pth").touch()  # the teacher, once fine-tuned
     self_supervised.few_labels(args, 0.1, 0, {"simclr": tmp_path / "simclr.pth"})
     by_name = {folder.name: config for folder, config in folders}
     assert by_name["cnn_scratch"].model.init is None and by_name["byol_finetune"].model.init.endswith("byol.pth")
     assert by_name["simclr_finetune"].model == dataclasses.replace(by_name["byol_finetune"].model,
                                                                    init=str(tmp_path / "simclr.pth"))  # fmt: skip
     assert {config.data.label_fraction for config in by_name.values()} == {0.1}
+    assert by_name["simclrv2_simclr"].distill.type == "hard"
+    soft = self_supervised.parse_args(["--work-dir", str(tmp_path), "--simclrv2-distillation", "soft"])
+    self_supervised.few_labels(soft, 0.1, 0, {"simclr": tmp_path / "simclr.pth"})
+    folder, config = folders[-1]
+    assert folder.name == "simclrv2_simclr_soft" and config.distill.type == "soft"  # apart from the hard student's
 
     def runs(*accuracies: float) -> list[dict]:
         return [{"final": {"acc1": acc}, "minutes": 7.0} for acc in accuracies]
