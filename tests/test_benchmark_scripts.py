@@ -305,3 +305,49 @@ def test_self_supervised_report_only_trains_nothing_and_leaves_unfinished_runs_o
     (tmp_path / "simclr.pth").touch()  # a checkpoint on disk does not make --report-only train from it
     assert self_supervised.few_labels(args, 0.1, 0, {"simclr": tmp_path / "simclr.pth"}) == {}
     assert self_supervised.cnn_finetune(args, 1.0, 0, self_supervised.SCRATCH, None) is None
+
+
+def test_self_supervised_main_trains_each_part_once_and_a_new_work_dir_continues_from_the_json(tmp_path, monkeypatch):
+    import json
+
+    import self_supervised
+
+    from deit.ssl.probe import ProbeScore
+
+    trained = []
+
+    def train(config, folder):  # what train_or_read leaves: a checkpoint (none for CMC's pretraining) and a summary
+        if (folder / "summary.json").is_file():
+            return json.loads((folder / "summary.json").read_text())
+        trained.append(folder.as_posix().split("/runs/")[1])  # the folder under --work-dir
+        folder.mkdir(parents=True, exist_ok=True)
+        if config.pretrain.method != "cmc" or "pretrain" not in folder.parts:
+            (folder / "checkpoint.pth").touch()
+        summary = {"minutes": 1.0, "final": {"acc1": 80.0 + len(trained)}, "history": []}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(self_supervised, "train_or_read", train)
+    monkeypatch.setattr(self_supervised, "probe_checkpoint", lambda path, **kwargs: [
+        ProbeScore(name, 8, accuracy, accuracy) for name, accuracy in (("it", 88.0), ("random", 70.0), ("pixels", 83.0))
+    ])  # fmt: skip
+    argv = ["--methods", "simclr", "cmc", "byol", "--seeds", "1", "--fractions", "0.1", "--no-progress",
+            "--output", str(tmp_path / "ssl.md")]  # fmt: skip
+    self_supervised.main([*argv, "--work-dir", str(tmp_path / "first/runs")])
+    assert trained == [
+        "pretrain/simclr/seed0", "pretrain/cmc/seed0", "pretrain/byol/seed0",
+        "labels0.1/seed0/supervised", "labels0.1/seed0/simclr_finetune", "labels0.1/seed0/simclrv2_simclr",
+        "labels1/seed0/supervised",
+        # part 3: the CNN from scratch first; SimCLR's fine-tune at 10 % is part 2's, read; CMC left no checkpoint
+        "labels0.1/seed0/cnn_scratch", "labels0.1/seed0/byol_finetune",
+        "labels1/seed0/cnn_scratch", "labels1/seed0/simclr_finetune", "labels1/seed0/byol_finetune",
+    ]  # fmt: skip
+    table = (tmp_path / "ssl.md").read_text()
+    fine_tuned = table.split("## Each method fine-tuned")[1].split("## Goals")[0]
+    assert [line.split(" | ")[0] for line in fine_tuned.splitlines() if line.startswith("| ") and "labels" not in line]\
+        == ["| from scratch", "| simclr", "| byol"]  # fmt: skip
+
+    trained.clear()  # a new machine: no checkpoint, but the table's JSON
+    self_supervised.main([*argv, "--work-dir", str(tmp_path / "second/runs")])
+    assert trained == [] and (tmp_path / "ssl.md").read_text().split("## The representation")[1] == \
+        table.split("## The representation")[1]  # fmt: skip
