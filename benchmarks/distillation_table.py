@@ -184,7 +184,7 @@ def train_or_read(config, folder: Path) -> dict | None:
 
 def machine_speed() -> dict[str, int]:
     """The machine's fp32 and bf16 matmul GFLOP/s, measured just before a run (a few seconds). Machines of the
-    project's kind differ by up to 2× (136 against 213 fp32 seen), so a run's minutes are read beside this."""
+    project's kind differ (136 to 327 fp32 seen), so a run's minutes are read beside this."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {dtype: round(matmul_peak_gflops(dtype, device)) for dtype in ("fp32", "bf16")}
 
