@@ -190,9 +190,10 @@ def machine_speed() -> dict[str, int]:
 
 
 def machines(summaries: list[dict]) -> str:
-    """The fp32 / bf16 matmul GFLOP/s of the machines the runs trained on, or "not measured" (older runs)."""
-    speeds = [summary["matmul_gflops"] for summary in summaries if "matmul_gflops" in summary]
-    return ", ".join(dict.fromkeys(f"{speed['fp32']} / {speed['bf16']}" for speed in speeds)) or "not measured"
+    """The fp32 / bf16 matmul GFLOP/s of the machines the runs trained on; "not measured" for older runs."""
+    speeds = [f"{summary['matmul_gflops']['fp32']} / {summary['matmul_gflops']['bf16']}"
+              if "matmul_gflops" in summary else "not measured" for summary in summaries]  # fmt: skip
+    return ", ".join(dict.fromkeys(speeds))
 
 
 def whole_run_minutes(summaries: list[dict]) -> list[float]:
