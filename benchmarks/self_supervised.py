@@ -39,7 +39,8 @@ folder, and a new --work-dir (a fresh clone, a new machine) is first filled with
 table continues there too. A run downstream of a pretraining (a fine-tune, SimCLRv2's student) needs
 the pretrained checkpoint, which is not committed: it trains only where that checkpoint is on disk, and
 is read back where it already finished. ``--report-only`` trains nothing and writes the table of the
-runs that are finished.
+runs that are finished. After a fix that changes what runs compute, ``--retrain-before COMMIT`` trains
+again the finished runs it visits that an older commit trained (the old run is kept beside its folder).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import json
 import logging
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -62,6 +64,7 @@ from deit.data import build_probe_data
 from deit.ssl.probe import probe_checkpoint
 from deit.ssl.tokenizer import train_tokenizer
 
+REPO = Path(__file__).resolve().parent  # the git checkout whose commits the runs record
 PRETRAIN_PRESET = "fashion_mnist_pretrain"
 FINETUNE_PRESET = "fashion_mnist_teacher_strong"  # its recipe (schedule, RE, smoothing) for the pretrained CNN
 STUDENT_PRESET = "fashion_mnist"
@@ -107,6 +110,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", default="benchmarks/results/self_supervised.md")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="train nothing: the table of the finished runs")
+    parser.add_argument("--retrain-before", metavar="COMMIT", help="train again the finished runs visited that a "
+                        "commit before COMMIT trained (a fix changed what they compute); each is kept as "
+                        "FOLDER-before-COMMIT")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -120,8 +126,25 @@ def run_or_read(args: argparse.Namespace, config, folder: Path) -> dict | None:
     it has not finished."""
     if args.report_only and not finished(folder):
         return None
+    stale = args.retrain_before and not args.report_only and finished(folder)
+    if stale and trained_before(folder, args.retrain_before):
+        aside = folder.with_name(f"{folder.name}-before-{args.retrain_before}")
+        folder.rename(aside)  # fails rather than overwrite an earlier one kept there
+        logging.info("%s was trained before %s: kept as %s, trained again", folder, args.retrain_before, aside.name)
     summary = train_or_read(config, folder)
     return summary if summary is None else {**summary, "folder": folder.relative_to(args.work_dir).as_posix()}
+
+
+def trained_before(folder: Path, fix: str) -> bool:
+    """Whether the finished run in ``folder`` was trained at a commit that does not contain ``fix``."""
+    trained_at = json.loads((folder / "summary.json").read_text()).get("commit", "unknown").split(" ")[0]
+    # exit 0: fix is an ancestor of (or is) the run's commit; 1: it is not; anything else: git cannot tell
+    answer = subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", fix, trained_at],
+                            capture_output=True, text=True)  # fmt: skip
+    if answer.returncode not in (0, 1):
+        raise ValueError(f"cannot tell whether {folder} (trained at commit {trained_at!r}) predates {fix}: "
+                         f"{answer.stderr.strip()}")  # fmt: skip
+    return answer.returncode == 1
 
 
 def restore_finished_runs(args: argparse.Namespace) -> int:

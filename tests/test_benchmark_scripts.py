@@ -351,3 +351,44 @@ def test_self_supervised_main_trains_each_part_once_and_a_new_work_dir_continues
     self_supervised.main([*argv, "--work-dir", str(tmp_path / "second/runs")])
     assert trained == [] and (tmp_path / "ssl.md").read_text().split("## The representation")[1] == \
         table.split("## The representation")[1]  # fmt: skip
+
+
+def test_self_supervised_retrains_only_the_runs_an_older_commit_trained_and_keeps_them_beside(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    import self_supervised
+
+    repo = tmp_path / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    commits = []
+    for message in ("before the fix", "the fix", "after it"):
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], check=True)
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        commits.append(head.stdout.strip())
+    old, fix, new = commits
+    monkeypatch.setattr(self_supervised, "REPO", repo)
+    trained = []
+    monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: trained.append(folder.name) or {})
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path / "runs"), "--retrain-before", fix])
+
+    def finished_run(name: str, commit: str) -> Path:
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"minutes": 1.0, "commit": commit}))
+        return folder
+
+    for name, commit in (("old", old), ("at-fix", fix), ("new", f"{new} with uncommitted changes")):
+        self_supervised.run_or_read(args, None, finished_run(name, commit))
+    assert trained == ["old", "at-fix", "new"]  # train_or_read reads a finished run: only "old" lost its summary
+    assert not (tmp_path / "runs/old").exists()
+    assert json.loads((tmp_path / f"runs/old-before-{fix}/summary.json").read_text())["commit"] == old
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["at-fix", "new", f"old-before-{fix}"]
+
+    unfinished = tmp_path / "runs/unfinished"  # a run that stopped half-way continues, whatever its commit
+    unfinished.mkdir()
+    self_supervised.run_or_read(args, None, unfinished)
+    assert unfinished.is_dir()
+    with pytest.raises(ValueError, match="cannot tell whether .*unknown"):
+        self_supervised.run_or_read(args, None, finished_run("unrecorded", "unknown"))
