@@ -41,6 +41,8 @@ the pretrained checkpoint, which is not committed: it trains only where that che
 is read back where it already finished. ``--report-only`` trains nothing and writes the table of the
 runs that are finished. After a fix that changes what runs compute, ``--retrain-before COMMIT`` trains
 again the finished runs it visits that an older commit trained (the old run is kept beside its folder).
+A pilot on other settings writes its own table (``--output``) from the same runs: ``--first-seed`` picks
+its seeds, and students of another ``--student-epochs`` train in folders that name it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ REPO = Path(__file__).resolve().parent  # the git checkout whose commits the run
 PRETRAIN_PRESET = "fashion_mnist_pretrain"
 FINETUNE_PRESET = "fashion_mnist_teacher_strong"  # its recipe (schedule, RE, smoothing) for the pretrained CNN
 STUDENT_PRESET = "fashion_mnist"
+STUDENT_EPOCHS = 10  # the DeiT students' epochs of the pool in part 2, as label_efficiency.py
 METHODS = PRETRAIN_METHODS
 BEIT_MODEL = "deit_nano_patch7_28"  # the student's architecture, without the distillation token: --init fills it
 # Each method's pretraining epochs on the 60,000 images: as many as fit in about 27 minutes here (the issue's
@@ -95,12 +98,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="every method's (default: PRETRAIN_EPOCHS)")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds count from it (one seed's pilot: "
+                        "--first-seed 1 --seeds 1)")  # fmt: skip
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1], help="part 2; none: skip it")
     parser.add_argument("--finetune-fractions", type=float, nargs="*", default=[0.1, 1.0],
                         help="part 3: each CNN method fine-tuned at these label fractions; none: skip it")  # fmt: skip
     parser.add_argument("--simclrv2-method", choices=METHODS, default="simclr", help="whose backbone part 2 uses")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the pool, labelled images cycled")
-    parser.add_argument("--student-epochs", type=int, default=10, help="epochs of the pool, as label_efficiency.py")
+    parser.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS, help="epochs of the pool, as "
+                        "label_efficiency.py; other than the default, the students' folders name it")  # fmt: skip
     parser.add_argument("--unlabeled-ratio", type=float, default=0.75, help="unlabelled share of the SimCLRv2 batches")
     parser.add_argument("--simclrv2-distillation", choices=("hard", "soft"), default="hard",
                         help="its student: DeiT's hard distillation, or SimCLRv2's own soft one (tau 1)")  # fmt: skip
@@ -253,6 +259,15 @@ def cnn_finetune(
     )  # fmt: skip
 
 
+def student_folder(args: argparse.Namespace, name: str) -> str:
+    """A DeiT student's folder in part 2: named by its epochs too where they are not the table's."""
+    return name if args.student_epochs == STUDENT_EPOCHS else f"{name}_{args.student_epochs}_epochs"
+
+
+def seeds(args: argparse.Namespace) -> range:
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
 def few_labels(args: argparse.Namespace, fraction: float, seed: int, checkpoints: dict[str, Path]) -> dict[str, dict]:
     """Part 2's columns at one label fraction and seed, from the pretrained ``checkpoints`` (method -> path).
 
@@ -267,12 +282,13 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, checkpoints
     def ready(start: Path | None, folder: str) -> bool:
         return (start is not None and start.is_file()) or finished(work / folder)
 
-    results = {"supervised": run(STUDENT_PRESET, "supervised", **{"optim.epochs": args.student_epochs})}
-    beit, beit_folder = checkpoints.get("beit"), f"{run_name(args, 'beit')}_finetune"
+    supervised = student_folder(args, "supervised")
+    results = {"supervised": run(STUDENT_PRESET, supervised, **{"optim.epochs": args.student_epochs})}
+    beit, beit_folder = checkpoints.get("beit"), student_folder(args, f"{run_name(args, 'beit')}_finetune")
     if fraction in BEIT_FRACTIONS and ready(beit, beit_folder):  # against the student from scratch, its total epochs
         epochs = pretrain_epochs(args, "beit")
         results["supervised, BEiT's total epochs"] = run(
-            STUDENT_PRESET, "supervised_long", **{"optim.epochs": args.student_epochs + epochs}
+            STUDENT_PRESET, student_folder(args, "supervised_long"), **{"optim.epochs": args.student_epochs + epochs}
         )
         results["BEiT + fine-tune"] = run(
             STUDENT_PRESET, beit_folder, **{"optim.epochs": args.student_epochs, "model.init": str(beit)}
@@ -285,6 +301,7 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, checkpoints
     student, teacher = f"simclrv2_{args.simclrv2_method}", work / finetune / "checkpoint.pth"
     if args.simclrv2_distillation != "hard":  # the table's is hard: its folder keeps the name it had
         student += f"_{args.simclrv2_distillation}"
+    student = student_folder(args, student)
     if ready(teacher, student):
         results["SimCLRv2: pretrain + fine-tune + distil"] = run(
             STUDENT_PRESET, student,
@@ -303,7 +320,7 @@ def main(argv: list[str]) -> int:
         logging.info("%d finished run(s) restored into %s from %s", restored, args.work_dir,
                      Path(args.output).with_suffix(".json"))  # fmt: skip
     pretrained: dict[str, list[tuple[dict, list[dict]]]] = {}
-    for seed in range(args.seeds):
+    for seed in seeds(args):
         for method in args.methods:
             logging.info("pretrain %s, seed %d", method, seed)
             summary, checkpoint = pretrain(args, method, seed)
@@ -312,7 +329,7 @@ def main(argv: list[str]) -> int:
                 pretrained.setdefault(method, []).append((summary, scores))
                 write(args, argv, pretrained, {}, started)  # a table after every run, so a stopped one shows its rows
     few: dict[float, dict[str, list[dict]]] = {}
-    for seed in range(args.seeds if args.fractions else 0):
+    for seed in seeds(args) if args.fractions else ():
         checkpoints = {method: pretrain_folder(args, method, seed) / "checkpoint.pth"
                        for method in (args.simclrv2_method, "beit")}  # fmt: skip
         for fraction in [*args.fractions, 1.0]:
@@ -322,7 +339,7 @@ def main(argv: list[str]) -> int:
                 few.setdefault(fraction, {}).setdefault(column, []).append(summary)
             write(args, argv, pretrained, few, started)
     tuned: dict[str, dict[float, list[dict]]] = {}  # part 3: method (or SCRATCH) -> label fraction -> runs
-    for seed in range(args.seeds if args.finetune_fractions else 0):
+    for seed in seeds(args) if args.finetune_fractions else ():
         checkpoints = {method: pretrain_folder(args, method, seed) / "checkpoint.pth"
                        for method in args.methods if method != "beit"}  # fmt: skip
         for fraction in args.finetune_fractions:

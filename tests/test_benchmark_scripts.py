@@ -392,3 +392,34 @@ def test_self_supervised_retrains_only_the_runs_an_older_commit_trained_and_keep
     assert unfinished.is_dir()
     with pytest.raises(ValueError, match="cannot tell whether .*unknown"):
         self_supervised.run_or_read(args, None, finished_run("unrecorded", "unknown"))
+
+
+def test_self_supervised_students_of_another_budget_train_in_their_own_folders_on_the_seeds_asked(
+    tmp_path, monkeypatch
+):
+    import self_supervised
+
+    trained = []
+    monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: trained.append(
+        (folder.relative_to(tmp_path).as_posix(), config.optim.epochs)) or {})  # fmt: skip
+    teacher = tmp_path / "labels0.1/seed1/simclr_finetune/checkpoint.pth"
+    teacher.parent.mkdir(parents=True)
+    teacher.touch()
+    pretrained = tmp_path / "simclr.pth"
+    pretrained.touch()
+    argv = ["--work-dir", str(tmp_path), "--first-seed", "1", "--seeds", "1", "--student-epochs", "30"]
+    args = self_supervised.parse_args(argv)
+    assert list(self_supervised.seeds(args)) == [1]
+    self_supervised.few_labels(args, 0.1, 1, {"simclr": pretrained})
+    assert trained == [
+        ("labels0.1/seed1/supervised_30_epochs", 30),
+        ("labels0.1/seed1/simclr_finetune", 10),  # the CNN's budget is --finetune-epochs: the same run as the table's
+        ("labels0.1/seed1/simclrv2_simclr_30_epochs", 30),
+    ]
+    trained.clear()  # the table's own budget keeps the folders it always had
+    self_supervised.few_labels(
+        self_supervised.parse_args(["--work-dir", str(tmp_path)]), 0.1, 1, {"simclr": pretrained}
+    )
+    assert [folder for folder, _ in trained] == [
+        "labels0.1/seed1/supervised", "labels0.1/seed1/simclr_finetune", "labels0.1/seed1/simclrv2_simclr"
+    ]  # fmt: skip
