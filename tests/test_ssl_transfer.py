@@ -164,7 +164,9 @@ PRETRAIN_FLAGS = ["--model", "deit_pico_patch4_28", "--input-size", "28", "--epo
                   "--warmup-epochs", "0", "--no-progress"]  # fmt: skip
 
 
-def test_pretraining_on_a_folder_without_class_folders_skips_the_broken_file(tmp_path, caplog):
+def test_pretraining_on_a_folder_without_class_folders_skips_the_broken_file(tmp_path, caplog, capsys):
+    import json
+
     from deit.checkpoint import Checkpoint
     from deit.cli.main import main
 
@@ -176,6 +178,8 @@ def test_pretraining_on_a_folder_without_class_folders_skips_the_broken_file(tmp
     with caplog.at_level("WARNING"):
         assert main([*base, "--bad-files", "skip", "--output-dir", str(out)]) == 0
     assert "broken.png" in caplog.text
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{") :]) == {"knn_acc1": None, "best_knn_acc1": None}  # no monitor ran
     saved = Checkpoint.load(out / "checkpoint.pth")
     assert saved.epoch == 1 and saved.data.dataset == "unlabeled" and "val" not in saved.history[0]
     student = tmp_path / "student"

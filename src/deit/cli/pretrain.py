@@ -43,7 +43,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
                  "(no kNN monitor)", config.data.path)  # fmt: skip
         config = with_overrides(config, {"data.dataset": "unlabeled"})
     result = fit(config)
-    print(json.dumps({"knn_acc1": result.final.get("acc1"), "best_knn_acc1": result.best_acc1}, indent=2))
+    knn = result.final.get("acc1")  # None where no kNN monitor ran (no labelled validation images)
+    best = result.best_acc1 if knn is not None else None
+    print(json.dumps({"knn_acc1": knn, "best_knn_acc1": best}, indent=2))
     return 0
 
 
