@@ -132,14 +132,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 UNCOMPARED = {"run.output_dir", "run.resume", "run.progress", "run.log_interval", "run.tensorboard", "data.num_workers"}
 
 
+def saved_settings(folder: Path) -> dict | None:
+    """The settings the run in ``folder`` wrote (its config.yaml), as nested dicts; None if it wrote none."""
+    saved = folder / "config.yaml"
+    return (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else None
+
+
 def settings_differing(config, folder: Path) -> list[str]:
     """The settings the run in ``folder`` (its config.yaml) was trained with that differ from ``config``'s."""
-    saved = folder / "config.yaml"
-    if config is None or not saved.is_file():
+    had = saved_settings(folder)
+    if config is None or had is None:
         return []
-
     asked = _flat(json.loads(json.dumps(dataclasses.asdict(config))))  # tuples as lists, as YAML has them
-    had = _flat(yaml.safe_load(saved.read_text()) or {})
+    had = _flat(had)
     return [f"{key} = {had[key]!r} there, {asked[key]!r} asked" for key in sorted(asked.keys() & had.keys())
             if key not in UNCOMPARED and had[key] != asked[key]]  # fmt: skip
 
@@ -169,6 +174,8 @@ def train_or_read(config, folder: Path) -> dict | None:
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         if {"minutes", "final", "history"} <= set(summary):  # ours, not the one `deit train` writes
+            if "config" not in summary and saved_settings(folder) is not None:  # finished before summaries kept it
+                summary = {**summary, "config": saved_settings(folder)}
             return {**summary, "settings_differing": differing} if differing else summary
     metrics = folder / "metrics.jsonl"
     # a run that resumes times only what is left of it: say where it resumed, so a table need not count it as whole
@@ -176,8 +183,10 @@ def train_or_read(config, folder: Path) -> dict | None:
     speed = machine_speed()
     started = time.perf_counter()
     result = fit(config)
+    # the settings travel with the summary into a table's JSON, so a run restored from it can still be compared
     summary = {"minutes": (time.perf_counter() - started) / 60, "final": result.final, "history": result.history,
-               "resumed_from_epoch": done_before, "commit": commit(), "matmul_gflops": speed}  # fmt: skip
+               "resumed_from_epoch": done_before, "commit": commit(), "matmul_gflops": speed,
+               "config": saved_settings(folder)}  # fmt: skip
     summary_file.write_text(json.dumps(summary))
     return summary
 

@@ -59,6 +59,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 from distillation_table import commit, machines, mean_std, train_or_read, whole_minutes, whole_run_minutes
 
 from deit.config import PRETRAIN_METHODS, load_config, with_overrides
@@ -155,7 +156,8 @@ def trained_before(folder: Path, fix: str) -> bool:
 
 def restore_finished_runs(args: argparse.Namespace) -> int:
     """Write the finished runs that the table's JSON records (summary, and a pretraining's probe) into
-    --work-dir where their folders are missing; returns how many. Checkpoints are not in the record."""
+    --work-dir where their folders are missing; returns how many. Checkpoints are not in the record; the
+    settings are, for runs since summaries kept them."""
     saved = Path(args.output).with_suffix(".json")
     if not saved.is_file():
         return 0
@@ -173,6 +175,8 @@ def restore_finished_runs(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         if probe is not None:
             (folder / "probe.json").write_text(json.dumps(probe, indent=1))
+        if "config" in summary:  # what a later invocation's settings are compared with
+            (folder / "config.yaml").write_text(yaml.safe_dump(summary["config"], sort_keys=False))
         (folder / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "folder"}))
         restored += 1
     return restored

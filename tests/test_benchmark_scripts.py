@@ -180,6 +180,41 @@ def test_a_run_read_back_with_other_settings_than_asked_says_which(tmp_path, cap
     assert "trained with other settings than asked: optim.epochs = 20 there, 30 asked" in caplog.text
 
 
+def test_a_runs_settings_travel_with_its_summary_so_a_restored_run_still_says_it_differs(tmp_path, monkeypatch):
+    import json
+
+    import self_supervised
+
+    from deit.config import TrainConfig, save_config, with_overrides
+
+    class Result:
+        final, history = {"acc1": 50.0}, []
+
+    def fit(config):  # what a run leaves that matters here: its config.yaml
+        save_config(config, Path(config.run.output_dir) / "config.yaml")
+        return Result()
+
+    trained = with_overrides(TrainConfig(), {"optim.epochs": 20})
+    monkeypatch.setattr(distillation_table, "machine_speed", lambda: {"fp32": 136, "bf16": 389})
+    monkeypatch.setattr(distillation_table, "fit", fit)
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path / "first"), "--output", str(tmp_path / "t.md")])
+    folder = tmp_path / "first/pretrain/simclr/seed0"
+    folder.mkdir(parents=True)
+    summary = self_supervised.run_or_read(args, with_overrides(trained, {"run.output_dir": str(folder)}), folder)
+    assert summary["config"]["optim"]["epochs"] == 20
+    (folder / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    assert distillation_table.train_or_read(None, folder)["config"] == summary["config"]  # older runs: from disk
+
+    probe = [{"linear_acc1": 88.0, "knn_acc1": 86.0}] * 3
+    (tmp_path / "t.json").write_text(json.dumps({"pretrained": {"simclr": [(summary, probe)]}}))
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path / "second"), "--output", str(tmp_path / "t.md")])
+    assert self_supervised.restore_finished_runs(args) == 1
+    restored = tmp_path / "second/pretrain/simclr/seed0"
+    assert distillation_table.settings_differing(with_overrides(trained, {"optim.epochs": 30}), restored) == [
+        "optim.epochs = 20 there, 30 asked"
+    ]
+
+
 def test_minutes_leave_out_a_resumed_run_and_say_so():
     whole_minutes = distillation_table.whole_minutes
 
