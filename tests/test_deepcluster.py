@@ -57,3 +57,13 @@ def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(
     assert saved["epoch"] == 1 and saved["epoch_step"] > 0 and int(saved["model"]["clustered_for"]) == 1
     resumed = fit(config(tmp_path / "cut", **{"run.resume": "auto"}))
     assert_same_state(whole.model, resumed.model)
+
+
+@needs_fashion_mnist
+def test_deepcluster_with_more_clusters_than_images_names_the_setting_before_training(tmp_path):
+    from deit.ssl.kmeans import ClusteringError
+    from deit.training import fit
+
+    with pytest.raises(ClusteringError, match=r"pretrain.clusters = 100 clusters of 64 training images"):
+        fit(config(tmp_path / "run", **{"data.train_subset": 64, "pretrain.clusters": 100, "optim.batch_size": 16}))
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deit.ssl.backbone import Backbone
-from deit.ssl.kmeans import kmeans
+from deit.ssl.kmeans import ClusteringError, kmeans
 from deit.ssl.method import EpochContext, Method
 
 log = logging.getLogger("deit")
@@ -98,6 +98,11 @@ class DeepCluster(Method):
         return {"classifier.weight", "classifier.bias"}  # see the module's note 4
 
     def _cluster(self, features: torch.Tensor, epoch: int) -> torch.Tensor:
+        if len(features) < self.settings.clusters:
+            raise ClusteringError(
+                f"DeepCluster cannot make pretrain.clusters = {self.settings.clusters} clusters of "
+                f"{len(features)} training images: lower it (--set pretrain.clusters=N) or give more images"
+            )
         reduced = F.normalize(pca_whiten(features, self.settings.pca_dim), dim=1)
         seed = self.settings.seed * 1000 + epoch
         _, assigned, _ = kmeans(reduced, self.settings.clusters, iterations=self.settings.iterations, seed=seed)
