@@ -128,6 +128,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+CHECKOUT = Path(__file__).resolve().parent  # in the git checkout whose commit each run records
+
 # settings a finished run may differ in from the one asked for: how it was watched and where, not what it computed
 UNCOMPARED = {"run.output_dir", "run.resume", "run.progress", "run.log_interval", "run.tensorboard", "data.num_workers"}
 
@@ -174,8 +176,9 @@ def train_or_read(config, folder: Path) -> dict | None:
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         if {"minutes", "final", "history"} <= set(summary):  # ours, not the one `deit train` writes
-            if "config" not in summary and saved_settings(folder) is not None:  # finished before summaries kept it
-                summary = {**summary, "config": saved_settings(folder)}
+            settings = saved_settings(folder)
+            if "config" not in summary and settings is not None:  # finished before summaries kept it
+                summary = {**summary, "config": settings}
             return {**summary, "settings_differing": differing} if differing else summary
     metrics = folder / "metrics.jsonl"
     # a run that resumes times only what is left of it: say where it resumed, so a table need not count it as whole
@@ -296,9 +299,11 @@ def mean_std(values: list[float]) -> str:
 
 
 def commit() -> str:
+    """The commit of the checkout these scripts are in (wherever they are run from), or "unknown"."""
+    git = ["git", "-C", str(CHECKOUT)]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     # the tables this script rewrites as it goes are not code: only other changes make the commit "dirty"

@@ -48,6 +48,7 @@ its seeds, and students of another ``--student-epochs`` train in folders that na
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import shlex
@@ -60,14 +61,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from distillation_table import commit, machines, mean_std, train_or_read, whole_minutes, whole_run_minutes
+from distillation_table import CHECKOUT, commit, machines, mean_std, train_or_read, whole_minutes, whole_run_minutes
 
 from deit.config import PRETRAIN_METHODS, load_config, with_overrides
 from deit.data import build_probe_data
 from deit.ssl.probe import probe_checkpoint
 from deit.ssl.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parent  # the git checkout whose commits the runs record
 PRETRAIN_PRESET = "fashion_mnist_pretrain"
 FINETUNE_PRESET = "fashion_mnist_teacher_strong"  # its recipe (schedule, RE, smoothing) for the pretrained CNN
 STUDENT_PRESET = "fashion_mnist"
@@ -119,7 +119,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="train nothing: the table of the finished runs")
     parser.add_argument("--retrain-before", metavar="COMMIT", help="train again the finished runs visited that a "
                         "commit before COMMIT trained (a fix changed what they compute); each is kept as "
-                        "FOLDER-before-COMMIT")  # fmt: skip
+                        "FOLDER-before-COMMIT. Narrow it with --methods and --fractions to what the fix "
+                        "touched")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -133,24 +134,43 @@ def run_or_read(args: argparse.Namespace, config, folder: Path) -> dict | None:
     it has not finished."""
     if args.report_only and not finished(folder):
         return None
-    stale = args.retrain_before and not args.report_only and finished(folder)
-    if stale and trained_before(folder, args.retrain_before):
-        aside = folder.with_name(f"{folder.name}-before-{args.retrain_before}")
-        folder.rename(aside)  # fails rather than overwrite an earlier one kept there
-        logging.info("%s was trained before %s: kept as %s, trained again", folder, args.retrain_before, aside.name)
+    if args.retrain_before and not args.report_only and finished(folder) and trained_before(folder, args):
+        missing = [path for path in (config.model.init, config.distill.teacher_path, config.pretrain.tokenizer)
+                   if path and not Path(path).is_file()]  # fmt: skip
+        if missing:
+            logging.warning("%s was trained before %s, but cannot train again without %s: read as it is",
+                            folder, args.retrain_before, ", ".join(missing))  # fmt: skip
+        else:
+            aside = folder.with_name(f"{folder.name}-before-{args.retrain_before}")
+            for copy in itertools.count(2):  # an earlier retrain that stopped may have kept one there
+                if not aside.exists():
+                    break
+                aside = folder.with_name(f"{folder.name}-before-{args.retrain_before}-{copy}")
+            folder.rename(aside)
+            logging.info("%s was trained before %s: kept as %s, trained again", folder, args.retrain_before, aside)
     summary = train_or_read(config, folder)
     return summary if summary is None else {**summary, "folder": folder.relative_to(args.work_dir).as_posix()}
 
 
-def trained_before(folder: Path, fix: str) -> bool:
-    """Whether the finished run in ``folder`` was trained at a commit that does not contain ``fix``."""
-    trained_at = json.loads((folder / "summary.json").read_text()).get("commit", "unknown").split(" ")[0]
-    # exit 0: fix is an ancestor of (or is) the run's commit; 1: it is not; anything else: git cannot tell
-    answer = subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", fix, trained_at],
+def resolved_commit(ref: str) -> str:
+    """``ref`` (a hash, a tag, a branch) as the short hash of its commit; a clear error if git has none such."""
+    answer = subprocess.run(["git", "-C", str(CHECKOUT), "rev-parse", "--verify", "--short", f"{ref}^{{commit}}"],
                             capture_output=True, text=True)  # fmt: skip
+    if answer.returncode != 0:
+        raise ValueError(f"--retrain-before {ref}: no such commit in {CHECKOUT}")
+    return answer.stdout.strip()
+
+
+def trained_before(folder: Path, args: argparse.Namespace) -> bool:
+    """Whether the finished run in ``folder`` was trained at a commit that does not contain --retrain-before's.
+    A run whose commit git does not know (recorded as unknown, or from another clone) is kept, with a warning."""
+    run_commit = json.loads((folder / "summary.json").read_text()).get("commit", "unknown").split(" ")[0]
+    # exit 0: the fix is an ancestor of (or is) the run's commit; 1: it is not; anything else: git cannot tell
+    answer = subprocess.run(["git", "-C", str(CHECKOUT), "merge-base", "--is-ancestor", args.retrain_before,
+                             run_commit], capture_output=True, text=True)  # fmt: skip
     if answer.returncode not in (0, 1):
-        raise ValueError(f"cannot tell whether {folder} (trained at commit {trained_at!r}) predates {fix}: "
-                         f"{answer.stderr.strip()}")  # fmt: skip
+        logging.warning("cannot tell whether %s (trained at commit %r) predates %s: read as it is", folder,
+                        run_commit, args.retrain_before)  # fmt: skip
     return answer.returncode == 1
 
 
@@ -170,14 +190,16 @@ def restore_finished_runs(args: argparse.Namespace) -> int:
         if "folder" not in summary:  # recorded before runs named their folders
             continue
         folder = Path(args.work_dir) / summary["folder"]
-        if finished(folder):
+        if folder.exists():  # finished, or being trained again (--retrain-before): never over what is there
             continue
         folder.mkdir(parents=True, exist_ok=True)
         if probe is not None:
             (folder / "probe.json").write_text(json.dumps(probe, indent=1))
         if "config" in summary:  # what a later invocation's settings are compared with
             (folder / "config.yaml").write_text(yaml.safe_dump(summary["config"], sort_keys=False))
-        (folder / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "folder"}))
+        # where it was read from, and how it differed from what that invocation asked, are not the run's own
+        own = {key: value for key, value in summary.items() if key not in ("folder", "settings_differing")}
+        (folder / "summary.json").write_text(json.dumps(own))
         restored += 1
     return restored
 
@@ -317,6 +339,8 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, checkpoints
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.retrain_before:
+        args.retrain_before = resolved_commit(args.retrain_before)  # a ref that moves would retrain other runs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
     restored = restore_finished_runs(args)  # before the first write replaces the JSON they are read from

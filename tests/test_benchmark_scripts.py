@@ -394,6 +394,8 @@ def test_self_supervised_retrains_only_the_runs_an_older_commit_trained_and_keep
 
     import self_supervised
 
+    from deit.config import TrainConfig, with_overrides
+
     repo = tmp_path / "repo"
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
@@ -403,10 +405,20 @@ def test_self_supervised_retrains_only_the_runs_an_older_commit_trained_and_keep
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         commits.append(head.stdout.strip())
     old, fix, new = commits
-    monkeypatch.setattr(self_supervised, "REPO", repo)
-    trained = []
-    monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: trained.append(folder.name) or {})
+    subprocess.run([*git, "tag", "the-fix", fix], check=True)
+    monkeypatch.setattr(self_supervised, "CHECKOUT", repo)
+    assert self_supervised.resolved_commit("the-fix") == fix  # a name that could move is pinned once
+    with pytest.raises(ValueError, match="--retrain-before nosuch: no such commit"):
+        self_supervised.resolved_commit("nosuch")
+
+    visited = []  # each folder train_or_read saw, and whether a finished run was there to read
+    monkeypatch.setattr(
+        self_supervised,
+        "train_or_read",
+        lambda config, folder: visited.append((folder.name, self_supervised.finished(folder))) or {},
+    )
     args = self_supervised.parse_args(["--work-dir", str(tmp_path / "runs"), "--retrain-before", fix])
+    config = TrainConfig()
 
     def finished_run(name: str, commit: str) -> Path:
         folder = tmp_path / "runs" / name
@@ -414,19 +426,40 @@ def test_self_supervised_retrains_only_the_runs_an_older_commit_trained_and_keep
         (folder / "summary.json").write_text(json.dumps({"minutes": 1.0, "commit": commit}))
         return folder
 
-    for name, commit in (("old", old), ("at-fix", fix), ("new", f"{new} with uncommitted changes")):
-        self_supervised.run_or_read(args, None, finished_run(name, commit))
-    assert trained == ["old", "at-fix", "new"]  # train_or_read reads a finished run: only "old" lost its summary
-    assert not (tmp_path / "runs/old").exists()
+    for name, commit in (
+        ("old", old),
+        ("at-fix", fix),
+        ("new", f"{new} with uncommitted changes"),
+        ("lost", "unknown"),
+    ):
+        self_supervised.run_or_read(args, config, finished_run(name, commit))
+    assert visited == [("old", False), ("at-fix", True), ("new", True), ("lost", True)]
     assert json.loads((tmp_path / f"runs/old-before-{fix}/summary.json").read_text())["commit"] == old
-    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["at-fix", "new", f"old-before-{fix}"]
 
-    unfinished = tmp_path / "runs/unfinished"  # a run that stopped half-way continues, whatever its commit
-    unfinished.mkdir()
-    self_supervised.run_or_read(args, None, unfinished)
-    assert unfinished.is_dir()
-    with pytest.raises(ValueError, match="cannot tell whether .*unknown"):
-        self_supervised.run_or_read(args, None, finished_run("unrecorded", "unknown"))
+    visited.clear()  # the retrain stopped before it finished, and a restore put the old record back: kept too
+    self_supervised.run_or_read(args, config, finished_run("old", old))
+    assert visited == [("old", False)] and (tmp_path / f"runs/old-before-{fix}-2/summary.json").is_file()
+
+    visited.clear()  # a fine-tune whose pretrained checkpoint is gone cannot train again: it is read as it is
+    finetune = finished_run("finetune", old)
+    self_supervised.run_or_read(args, with_overrides(config, {"model.init": str(tmp_path / "gone.pth")}), finetune)
+    assert visited == [("finetune", True)] and not (tmp_path / f"runs/finetune-before-{fix}").exists()
+
+
+def test_self_supervised_restore_leaves_a_folder_being_trained_alone_and_keeps_only_the_runs_own_record(tmp_path):
+    import json
+
+    import self_supervised
+
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "t.md")])
+    summary = {"minutes": 1.0, "final": {"acc1": 80.0}, "history": [], "settings_differing": ["optim.lr = 1 there"]}
+    runs = [{**summary, "folder": f"labels0.1/seed0/{name}"} for name in ("supervised", "simclr_finetune")]
+    (tmp_path / "t.json").write_text(json.dumps({"few_labels": {"0.1": {"supervised": runs}}}))
+    training = tmp_path / "runs/labels0.1/seed0/simclr_finetune"  # a retrain under way: no summary yet
+    training.mkdir(parents=True)
+    assert self_supervised.restore_finished_runs(args) == 1 and not self_supervised.finished(training)
+    restored = json.loads((tmp_path / "runs/labels0.1/seed0/supervised/summary.json").read_text())
+    assert restored == {"minutes": 1.0, "final": {"acc1": 80.0}, "history": []}
 
 
 def test_self_supervised_students_of_another_budget_train_in_their_own_folders_on_the_seeds_asked(
