@@ -97,6 +97,9 @@ def test_config_preset_and_override(tmp_path, capsys):
     assert config.model.name.startswith("deit_nano_distilled")  # from the preset
     assert config.optim.epochs == 3 and config.distill.type == "soft" and config.optim.lr == 1e-3
     assert config.run.amp == "auto"  # untouched preset value
+    several = ["train", "--set", "optim.lr=2e-3", "optim.epochs=7", "--set", "pretrain.clusters=10"]
+    config = train_config_from_args(build_parser().parse_args(several))
+    assert (config.optim.lr, config.optim.epochs, config.pretrain.clusters) == (2e-3, 7, 10)
 
 
 def test_unknown_config_key_is_reported(capsys):

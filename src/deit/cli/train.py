@@ -177,7 +177,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             flag, dest=_dest(key), action="store_const", const=value, default=argparse.SUPPRESS, help=f"{text} [{key}]"
         )
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.betas=[0.9,0.95]"
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config keys, e.g. optim.betas=[0.9,0.95] optim.lr=1e-3 (repeatable)",
     )
 
 
