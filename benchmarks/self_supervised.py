@@ -135,21 +135,26 @@ def run_or_read(args: argparse.Namespace, config, folder: Path) -> dict | None:
     if args.report_only and not finished(folder):
         return None
     if args.retrain_before and not args.report_only and finished(folder) and trained_before(folder, args):
-        missing = [path for path in (config.model.init, config.distill.teacher_path, config.pretrain.tokenizer)
-                   if path and not Path(path).is_file()]  # fmt: skip
-        if missing:
-            logging.warning("%s was trained before %s, but cannot train again without %s: read as it is",
-                            folder, args.retrain_before, ", ".join(missing))  # fmt: skip
-        else:
-            aside = folder.with_name(f"{folder.name}-before-{args.retrain_before}")
-            for copy in itertools.count(2):  # an earlier retrain that stopped may have kept one there
-                if not aside.exists():
-                    break
-                aside = folder.with_name(f"{folder.name}-before-{args.retrain_before}-{copy}")
-            folder.rename(aside)
-            logging.info("%s was trained before %s: kept as %s, trained again", folder, args.retrain_before, aside)
+        set_aside_to_retrain(args, config, folder)
     summary = train_or_read(config, folder)
     return summary if summary is None else {**summary, "folder": folder.relative_to(args.work_dir).as_posix()}
+
+
+def set_aside_to_retrain(args: argparse.Namespace, config, folder: Path) -> None:
+    """Move the finished run in ``folder`` to FOLDER-before-COMMIT (-2, -3... if an earlier one is there), so
+    that it trains again; unless what it starts from is gone, in which case it stays and is read."""
+    missing = [path for path in (config.model.init, config.distill.teacher_path, config.pretrain.tokenizer)
+               if path and not Path(path).is_file()]  # fmt: skip
+    if missing:
+        logging.warning("%s was trained before %s, but cannot train again without %s: read as it is",
+                        folder, args.retrain_before, ", ".join(missing))  # fmt: skip
+        return
+    names = (
+        f"{folder.name}-before-{args.retrain_before}{'' if copy == 1 else f'-{copy}'}" for copy in itertools.count(1)
+    )
+    aside = next(folder.with_name(name) for name in names if not folder.with_name(name).exists())
+    folder.rename(aside)
+    logging.info("%s was trained before %s: kept as %s, trained again", folder, args.retrain_before, aside)
 
 
 def resolved_commit(ref: str) -> str:
