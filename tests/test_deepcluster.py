@@ -30,6 +30,21 @@ def test_pca_whitening_leaves_uncorrelated_unit_variance_axes():
     assert torch.allclose(torch.cov(white.T), torch.eye(4), atol=1e-3)
 
 
+def test_each_cluster_gets_the_same_share_of_the_draws_and_an_empty_one_none():
+    from deit.models import create_model
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.deepcluster import ClusterSettings, DeepCluster
+
+    backbone = Backbone(create_model("resnet8_small", num_classes=10, in_chans=1, img_size=28))
+    method = DeepCluster(backbone, num_images=100, settings=ClusterSettings(clusters=4))
+    assigned = torch.tensor([0] * 70 + [1] * 20 + [2] * 10)  # cluster 3 is empty
+    method.assignments.copy_(assigned)
+    method.cluster_sizes.copy_(torch.bincount(assigned, minlength=4).float())
+    weights = method.sample_weights()
+    shares = torch.zeros(4, dtype=weights.dtype).index_add_(0, assigned, weights) / weights.sum()
+    assert torch.allclose(shares, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0], dtype=weights.dtype))
+
+
 def config(out, **overrides):
     from test_ssl import pretrain_config
 
@@ -40,10 +55,18 @@ def config(out, **overrides):
 
 @needs_fashion_mnist
 def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(tmp_path, monkeypatch, caplog):
+    from deit.ssl.deepcluster import DeepCluster
     from deit.training import fit
     from test_ssl import assert_same_state, interrupted_after_step
 
-    with caplog.at_level(logging.INFO, logger="deit"):
+    drawn, real_losses = [], DeepCluster.losses  # the clusters of the images each step trains on
+
+    def recording(self, views, indices):
+        drawn.append((int(self.clustered_for), self.assignments[indices].clone(), self.cluster_sizes.clone()))
+        return real_losses(self, views, indices)
+
+    with caplog.at_level(logging.INFO, logger="deit"), monkeypatch.context() as patched:
+        patched.setattr(DeepCluster, "losses", recording)
         whole = fit(config(tmp_path / "whole"))
     assert "epoch 1: 20 clusters" in caplog.text and "previous epoch's clusters n/a" in caplog.text  # not "-1.000"
     history = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
@@ -52,6 +75,12 @@ def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(
     assert 0 < second["nmi_previous"] <= 1 and first["largest"] < 512 and first["empty"] == 0
     steps = [json.loads(line) for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 16 and steps[7]["loss"] < steps[0]["loss"]  # the head learns the epoch's clusters
+    first_epoch = [(targets, sizes) for epoch, targets, sizes in drawn if epoch == 0]
+    sizes = first_epoch[0][1]
+    counts = torch.bincount(torch.cat([targets for targets, _ in first_epoch]), minlength=len(sizes)).float()
+    share, spread = 512 / int((sizes > 0).sum()), 4 * (512 / int((sizes > 0).sum())) ** 0.5
+    assert sizes.max() > share + spread  # drawing each image once would fail the next line...
+    assert ((counts - share).abs()[sizes > 0] < spread).all()  # ...drawing uniformly over the clusters passes it
 
     saved = interrupted_after_step(config(tmp_path / "cut"), 10, monkeypatch)  # 8 steps an epoch: in the second
     assert saved["epoch"] == 1 and saved["epoch_step"] > 0 and int(saved["model"]["clustered_for"]) == 1

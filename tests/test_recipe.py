@@ -147,6 +147,35 @@ def test_resuming_inside_an_epoch_skips_exactly_the_samples_seen():
     assert list(sampler) == whole[10:]
 
 
+def test_weighted_draws_give_each_group_its_share_and_repeat_across_processes_and_resumes():
+    # 10 images in one group, 90 in another, each group weighted to half of the draws (DeepCluster's clusters)
+    weights = torch.cat([torch.full((10,), 1 / 10), torch.full((90,), 1 / 90)])
+    sampler = EpochSampler(100, seed=3)
+    sampler.draw_by(weights)
+    sampler.set_epoch(2)
+    drawn = list(sampler)
+    order = torch.tensor([index for index, _ in drawn])
+    assert len(order) == 100 and 35 <= int((order < 10).sum()) <= 65  # half, where a plain epoch draws 10
+    assert len(order.unique()) < 100  # with replacement
+    assert list(sampler) == drawn  # the draw is the seed's, the epoch's and the weights'
+    shards = [EpochSampler(100, num_replicas=2, rank=rank, seed=3) for rank in range(2)]
+    for shard in shards:
+        shard.draw_by(weights)
+        shard.set_epoch(2)
+    assert [item for pair in zip(*shards, strict=True) for item in pair] == drawn
+    sampler.set_epoch(2, start=40)
+    assert list(sampler) == drawn[40:]
+    sampler.draw_by(None)
+    sampler.set_epoch(2)
+    assert sorted(index for index, _ in sampler) == list(range(100))  # back to every image once
+
+
+@pytest.mark.parametrize("weights", [torch.ones(99), -torch.ones(100), torch.zeros(100)])
+def test_weights_that_cannot_draw_an_epoch_are_refused(weights):
+    with pytest.raises(ValueError, match="weights must"):
+        EpochSampler(100).draw_by(weights)
+
+
 @needs_fashion_mnist
 def test_repeated_copies_are_augmented_differently():
     data = build_data(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from deit.config import TrainConfig, save_config
+from deit.data.samplers import EpochSampler, MixedEpochSampler
 from deit.distributed import Distributed, destroy_process_group, from_environment, init_process_group
 from deit.engine import EpochMeter, NonFiniteLossError, evaluate, train_steps
 from deit.files import atomic_path
@@ -87,16 +88,17 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, logs: RunLogs, stop: 
     """Train the rest of ``epoch``; between steps, log each one, checkpoint when asked, and stop on a signal."""
     config, layout = run.config, run.layout
     started, images_before = time.perf_counter(), progress.meter.images
-    run.data.train_sampler.set_epoch(
-        epoch, start=progress.epoch_step * config.optim.accum_steps * config.optim.batch_size
-    )
-    if isinstance(run.teacher, TeacherCache):
-        run.teacher.set_epoch(epoch)
     notes = {}
     if isinstance(run.model, Method):  # DeepCluster clusters here; a resumed epoch keeps its clusters
         context = epoch_context(run.data, device=run.device, precision=run.precision, optimizer=run.optimizer,
                                 layout=layout)  # fmt: skip
         notes = run.model.before_epoch(epoch, context)
+        _draw_by(run.data.train_sampler, run.model.sample_weights())  # DeepCluster: uniform over its clusters
+    run.data.train_sampler.set_epoch(
+        epoch, start=progress.epoch_step * config.optim.accum_steps * config.optim.batch_size
+    )
+    if isinstance(run.teacher, TeacherCache):
+        run.teacher.set_epoch(epoch)
     steps_left = run.steps_per_epoch - progress.epoch_step
     # a bar on a terminal; in a log file, a line every log_interval steps
     report = StepProgress(
@@ -139,6 +141,15 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, logs: RunLogs, stop: 
         lr=progress.meter.lr, steps=run.steps_per_epoch, images_per_sec=layout.sum(rate).item(), seconds=seconds
     )
     return {"epoch": epoch + 1, "train": train, "seconds": seconds, **notes}
+
+
+def _draw_by(sampler: EpochSampler | MixedEpochSampler, weights: torch.Tensor | None) -> None:
+    """Let the method's weights (None: none) decide how the coming epoch draws its images."""
+    if isinstance(sampler, EpochSampler):
+        sampler.draw_by(weights)
+    elif weights is not None:
+        raise RunError("this method draws the training images by its own weights, which a pool of labelled and "
+                       "unlabelled images cannot: pretrain without --label-fraction or unlabelled images")  # fmt: skip
 
 
 def _stop_agreed(run: Run, stop: StopRequest) -> bool:

@@ -58,6 +58,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.views = views  # fixed augmented views per image, cycled over epochs (the teacher cache's)
         self.epoch = 0
         self.start = 0
+        self.weights: torch.Tensor | None = None  # see draw_by
         # the whole epoch, all processes together: the data set's length, cut to whole groups of copies
         self.total_size = dataset_size // group * group
         self.num_samples = self.total_size // num_replicas
@@ -67,9 +68,25 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
         self.start = start
 
+    def draw_by(self, weights: torch.Tensor | None) -> None:
+        """From now on, draw each epoch's images with replacement, image i with probability proportional to
+        ``weights[i]`` (DeepCluster: the same share for each cluster); None: every image once, in a random order.
+
+        The draw depends on (seed, epoch, weights) only, so processes given the same weights agree, and a resumed
+        epoch given them again repeats itself.
+        """
+        if weights is not None and (weights.shape != (self.dataset_size,) or not bool((weights >= 0).all())):
+            raise ValueError(f"weights must be {self.dataset_size} non-negative numbers, one per image")
+        if weights is not None and not bool((weights > 0).any()):
+            raise ValueError("weights must not all be zero")
+        self.weights = None if weights is None else weights.detach().double().cpu()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        order = torch.randperm(self.dataset_size, generator=generator)
+        if self.weights is None:
+            order = torch.randperm(self.dataset_size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.dataset_size, replacement=True, generator=generator)
         seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)  # one per position
         repeated = order.repeat_interleave(self.repeats)[: self.total_size]  # a a a b b b ...
         if self.views:  # one seed per (image, view) instead: epoch e shows view e mod views of each image

@@ -13,12 +13,13 @@ Before each epoch:
    near random by a decayed rate would teach the backbone noise (the loss
    climbed back to chance, ln k, over the last epochs of a cosine schedule).
 
-During the epoch: cross-entropy of the head on one augmented view. The paper
-samples images uniformly over the clusters, so that a giant cluster cannot
-dominate. Here each image's loss is instead weighted by the inverse of its
-cluster's size. In expectation each cluster then counts the same, and the
-data order stays the one every other run uses, which exact resume and
-torchrun rely on.
+During the epoch: cross-entropy of the head on one augmented view. As in the
+paper, the epoch samples images uniformly over the clusters, so that a giant
+cluster cannot dominate: as many draws as images, with replacement, each
+image drawn with probability 1 / (clusters x its cluster's size)
+(``sample_weights``; ``EpochSampler.draw_by``). The draw depends on the seed,
+the epoch and the clusters only, so a resumed epoch and every torchrun
+process draw the same images.
 
 The epoch's record logs the normalised mutual information (NMI) of the clusters
 with the true labels (where there are labels) and with the previous epoch's
@@ -119,12 +120,14 @@ class DeepCluster(Method):
             for parameter in self.classifier.parameters():
                 optimizer.state.pop(parameter, None)  # Adam's moments belonged to last epoch's clusters
 
+    def sample_weights(self) -> torch.Tensor:
+        """Each image's chance to be drawn this epoch: every cluster gets the same share (empty ones none)."""
+        return (1.0 / self.cluster_sizes.clamp_min(1))[self.assignments].cpu()
+
     def losses(self, views: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         targets = self.assignments[indices]
         logits = self.classifier(self.backbone(views)).float()
-        weights = (1.0 / self.cluster_sizes.clamp_min(1))[targets]  # uniform over clusters, in expectation
-        per_image = F.cross_entropy(logits, targets, reduction="none")
-        loss = (per_image * weights).sum() / weights.sum()
+        loss = F.cross_entropy(logits, targets)
         accuracy = (logits.argmax(dim=1) == targets).float().mean()
         return {"loss": loss, "cluster_loss": loss.detach(), "cluster_accuracy": accuracy.detach()}
 

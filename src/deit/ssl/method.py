@@ -75,6 +75,11 @@ class Method(nn.Module):
         """Nothing to do by default; DeepCluster clusters here."""
         return {}
 
+    def sample_weights(self) -> torch.Tensor | None:
+        """How this epoch draws the training images, read after ``before_epoch``: None, each once (the default);
+        otherwise one weight per image, drawn with replacement in proportion (DeepCluster: uniform over clusters)."""
+        return None
+
     def after_step(self, step: int) -> None:
         """Nothing to do by default: SimCLR has no target network."""
 
