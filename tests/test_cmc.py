@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import needs_fashion_mnist
-from deit.ssl.cmc import ViewSplit, rgb_to_lab
+from deit.models import create_model
+from deit.ssl.backbone import Backbone
+from deit.ssl.cmc import CMC, ViewSplit, rgb_to_lab
 from deit.ssl.losses import cross_view_info_nce
 
 
@@ -48,6 +51,93 @@ def test_cross_view_info_nce_by_hand():
     anchors, others = (torch.randn(4, 8, generator=generator, requires_grad=True) for _ in range(2))
     cross_view_info_nce(anchors, others, None, 0.1).backward()
     assert anchors.grad.abs().sum() > 0 and others.grad.abs().sum() > 0  # both encoders learn
+
+
+def small_cmc(channels: int = 1, queue_size: int = 16) -> CMC:
+    torch.manual_seed(0)
+    mean, std = (0.5,) * channels, (0.5,) * channels
+
+    def encoder(in_chans: int) -> Backbone:
+        return Backbone(create_model("resnet8_small", num_classes=10, in_chans=in_chans, img_size=28))
+
+    return CMC(encoder(channels), encoder(2), mean=mean, std=std, dim=8, queue_size=queue_size, temperature=0.1)
+
+
+def cmc_step(cmc: CMC, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of one call of ``cmc.losses`` and the embeddings z1, z2 it computed (read off the heads)."""
+    seen = {}
+    hooks = [
+        cmc.first_head.register_forward_hook(lambda module, inputs, output: seen.__setitem__("z1", output)),
+        cmc.second_head.register_forward_hook(lambda module, inputs, output: seen.__setitem__("z2", output)),
+    ]
+    loss = cmc.losses(images)["loss"]
+    for hook in hooks:
+        hook.remove()
+    return loss, seen["z1"].detach(), seen["z2"].detach()
+
+
+def distinguishable_queues(cmc: CMC) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    size, dim = cmc.first_queue.keys.shape
+    first, second = (F.normalize(torch.randn(size, dim, generator=generator), dim=1) for _ in range(2))
+    cmc.first_queue.keys.copy_(first)
+    cmc.second_queue.keys.copy_(second)
+    return first, second
+
+
+def test_each_direction_of_cmc_contrasts_against_the_other_views_queue():
+    cmc = small_cmc(queue_size=8).train()
+    distinguishable_queues(cmc)
+    images = torch.randn(4, 1, 28, 28)
+    cmc_step(cmc, images)  # a first step on the same images: each queue now holds its view's embeddings of them
+    first_queue, second_queue = cmc.first_queue.keys.clone(), cmc.second_queue.keys.clone()
+    loss, z1, z2 = cmc_step(cmc, images)
+
+    def by_hand(negatives_of_z1, negatives_of_z2):
+        return (
+            cross_view_info_nce(z1, z2, negatives_of_z1, cmc.temperature)
+            + cross_view_info_nce(z2, z1, negatives_of_z2, cmc.temperature)
+        ) / 2
+
+    # z1 against z2 and the second view's queue, z2 against z1 and the first view's; the queues as they were
+    # before the call: the batch's own embeddings are pushed only after the loss
+    assert torch.allclose(loss, by_hand(second_queue, first_queue), rtol=1e-5, atol=1e-6)
+    for wrong in [(first_queue, second_queue), (first_queue, first_queue), (second_queue, second_queue)]:
+        assert (by_hand(*wrong) - loss).abs() > 1.0  # the queues are told apart
+
+
+def test_cmc_pushes_each_views_normalised_embeddings_into_its_own_queue_in_training_only():
+    cmc = small_cmc()
+    first_queue, second_queue = distinguishable_queues(cmc)
+    images = torch.randn(4, 1, 28, 28)
+    cmc.eval()
+    cmc_step(cmc, images)
+    assert torch.equal(cmc.first_queue.keys, first_queue) and torch.equal(cmc.second_queue.keys, second_queue)
+    assert cmc.first_queue.position == 0 and cmc.second_queue.position == 0
+
+    cmc.train()
+    _, z1, z2 = cmc_step(cmc, images)
+    assert cmc.first_queue.position == 4 and cmc.second_queue.position == 4
+    assert torch.allclose(cmc.first_queue.keys[:4], F.normalize(z1, dim=1), atol=1e-6)
+    assert torch.allclose(cmc.second_queue.keys[:4], F.normalize(z2, dim=1), atol=1e-6)
+    assert not torch.allclose(F.normalize(z1, dim=1), F.normalize(z2, dim=1), atol=1e-2)  # the views differ
+    assert torch.equal(cmc.first_queue.keys[4:], first_queue[4:])  # the older keys stay
+    assert torch.equal(cmc.second_queue.keys[4:], second_queue[4:])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cmcs_representation_is_the_two_encoders_features_of_their_views_concatenated(channels):
+    cmc = small_cmc(channels).eval()
+    images = torch.randn(3, channels, 28, 28)
+    first_view, second_view = ViewSplit((0.5,) * channels, (0.5,) * channels)(images)
+    assert first_view.shape[1] == channels and second_view.shape[1] == 2
+    representation = cmc.representation
+    with torch.no_grad():
+        features = representation(images)
+        expected = torch.cat([cmc.backbone(first_view), cmc.second(second_view)], dim=1)
+    assert representation.dim == cmc.backbone.dim + cmc.second.dim == features.shape[1] == 256
+    assert torch.allclose(features, expected, atol=1e-6)
+    assert not torch.allclose(features[:, :128], features[:, 128:], atol=1e-3)  # the order shows
 
 
 @needs_fashion_mnist

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import needs_fashion_mnist
@@ -52,6 +53,68 @@ def test_cpc_refuses_a_vit_and_a_grid_too_small_for_its_steps():
         CPC(vit, image_size=28)
     with pytest.raises(ModelError, match="cannot predict 3 rows ahead"):
         small_cpc(steps=3)  # 14 px patches: a 3 x 3 grid
+
+
+class PassThrough(nn.Module):
+    """A context that is each patch's own encoding: the GRU's (output, state) with output = input."""
+
+    def forward(self, columns: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return columns, None
+
+
+def test_each_step_predicts_the_patch_exactly_that_many_rows_below():
+    cpc = small_cpc(patch=8, steps=3)  # stride 4: a 6 x 6 grid, so an offset off by one still lands on the grid
+    batch, grid, dim = 2, cpc.grid, cpc.backbone.dim
+    assert grid == 6 and batch * grid * grid <= dim
+    # each patch is named by its top-left pixel, which no other patch has as its top-left: (b, row, col) -> 1 + id
+    images = torch.zeros(batch, 1, 28, 28)
+    for b in range(batch):
+        for row in range(grid):
+            for col in range(grid):
+                images[b, 0, row * cpc.stride, col * cpc.stride] = 1 + (b * grid + row) * grid + col
+    cpc.backbone.forward = lambda patches: F.one_hot(patches[:, 0, 0, 0].long() - 1, dim).float()
+    cpc.context = PassThrough()
+
+    def predict_rows_below(offset: int) -> None:
+        """Each predictor k maps the one-hot of patch (b, row, col) onto that of (b, row + k + offset, col)."""
+        with torch.no_grad():
+            for step, predictor in enumerate(cpc.predictors, start=1):
+                predictor.weight.zero_()
+                for b in range(batch):
+                    for row in range(grid - step - offset):
+                        for col in range(grid):
+                            source = (b * grid + row) * grid + col
+                            predictor.weight[source + (step + offset) * grid, source] = 50.0
+
+    predict_rows_below(0)
+    assert cpc.losses(images)["loss"] < 1e-6  # the true patch scores 50, every other patch 0
+    for offset in (-1, 1):  # the target a row too near (the context's own row at step 1) or a row too far
+        predict_rows_below(offset)
+        assert cpc.losses(images)["loss"] > 10
+
+
+def test_cpcs_loss_by_hand_on_a_tiny_grid():
+    cpc = small_cpc().eval()  # 14 px patches: a 3 x 3 grid, steps 1 and 2
+    with torch.no_grad():
+        for predictor in cpc.predictors:
+            predictor.weight.mul_(10)  # scores far enough apart that the choice of the positive shows
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        z = cpc.encode_patches(images)  # (B, row, col, D)
+        batch, grid, _, dim = z.shape
+        candidates = z.reshape(-1, dim)  # patch (b, row, col) is candidate (b * G + row) * G + col
+        by_step = []
+        for step, predictor in enumerate(cpc.predictors, start=1):
+            terms = []
+            for b in range(batch):
+                for col in range(grid):
+                    context = cpc.context(z[b, :, col].unsqueeze(0))[0][0]  # down the column, top to bottom
+                    for row in range(grid - step):
+                        scores = candidates @ predictor(context[row])
+                        positive = (b * grid + row + step) * grid + col  # ``step`` rows below, same column
+                        terms.append(torch.logsumexp(scores, 0) - scores[positive])
+            by_step.append(torch.stack(terms).mean())
+        assert torch.allclose(cpc.losses(images)["loss"], torch.stack(by_step).mean(), rtol=1e-5)
 
 
 @needs_fashion_mnist
