@@ -45,6 +45,48 @@ def test_each_cluster_gets_the_same_share_of_the_draws_and_an_empty_one_none():
     assert torch.allclose(shares, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0], dtype=weights.dtype))
 
 
+def test_before_an_epoch_the_clusters_come_from_unit_length_whitened_features_and_the_head_starts_afresh(
+    monkeypatch,
+):
+    import deit.ssl.deepcluster as deepcluster
+    from deit.engine import Precision
+    from deit.models import create_model
+    from deit.ssl.backbone import Backbone
+    from deit.ssl.method import EpochContext
+
+    torch.manual_seed(0)
+    backbone = Backbone(create_model("resnet8_small", num_classes=10, in_chans=1, img_size=28))
+    method = deepcluster.DeepCluster(
+        backbone, num_images=200, settings=deepcluster.ClusterSettings(clusters=8, pca_dim=16)
+    )
+    optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
+    method.losses(torch.randn(4, 1, 28, 28), torch.arange(4))["loss"].backward()
+    optimizer.step()  # the head now has Adam moments, and weights moved off their start
+    head_before = method.classifier.weight.detach().clone()
+    clustered, real_kmeans = [], deepcluster.kmeans
+
+    def recording(points, k, **options):
+        clustered.append(points.clone())
+        return real_kmeans(points, k, **options)
+
+    monkeypatch.setattr(deepcluster, "kmeans", recording)
+    images = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    context = EpochContext(
+        images, torch.arange(200) % 10, (0.5,), (0.5,), cpu, Precision.resolve("none", cpu), optimizer
+    )
+    notes = method.before_epoch(0, context)
+    (points,) = clustered
+    assert points.shape == (200, 16) and torch.allclose(points.norm(dim=1), torch.ones(200), atol=1e-5)
+    assert notes["clusters"]["empty"] == 0 and int(method.cluster_sizes.sum()) == 200
+    assert not torch.equal(method.classifier.weight, head_before) and (method.classifier.bias == 0).all()
+    assert method.classifier.weight.std() < 0.03  # trunc_normal(0.02) again
+    assert all(parameter not in optimizer.state for parameter in method.classifier.parameters())
+    assert any(parameter in optimizer.state for parameter in method.backbone.parameters())  # the backbone keeps its
+    method.before_epoch(0, context)  # the same epoch again (a resume): nothing is clustered anew
+    assert len(clustered) == 1
+
+
 def config(out, **overrides):
     from test_ssl import pretrain_config
 
