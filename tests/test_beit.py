@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import needs_fashion_mnist
 from deit.ssl.kmeans import kmeans, nearest
@@ -31,6 +33,24 @@ def test_block_masks_cover_the_target_share_in_blocks_drawn_from_each_seed():
     assert (grid & neighbour).sum() / grid.sum() > 0.9
     # every patch position gets masked sometimes: no corner is out of reach
     assert masks.float().mean(dim=0).min() > 0.1
+
+
+def test_each_block_is_one_rectangle_of_at_least_min_block_patches_tall_or_wide_in_equal_measure():
+    masking = BlockMasks(grid=14, ratio=0.4, min_block=16)  # BEiT's: 196 patches, 78 of them masked
+    shapes = []
+    for seed in range(400):  # the first block of each mask, on an empty grid
+        mask = torch.zeros(14, 14, dtype=torch.bool)
+        added = masking._block(mask, masking.target, torch.Generator().manual_seed(seed))
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert added == mask.sum() == height * width  # one filled rectangle
+        assert 16 * 0.6 <= added <= masking.target  # min_block, give or take the rounding of its sides
+        assert 0.2 <= height / width <= 5  # aspect ratio in [0.3, 3.3], give or take the rounding
+        shapes.append(height / width)
+    shapes = torch.tensor(shapes)
+    tall, wide = int((shapes > 1.2).sum()), int((shapes < 1 / 1.2).sum())
+    assert tall > 100 and wide > 100 and abs(tall - wide) < 60  # log-uniform aspect: as many tall as wide
+    assert shapes.max() > 2.5 and shapes.min() < 0.4  # the whole range is drawn
 
 
 def test_block_masks_on_a_4x4_grid():
@@ -136,25 +156,47 @@ def test_beit_refuses_a_cnn_and_a_tokenizer_of_other_patches():
 
 
 @needs_fashion_mnist
-def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypatch, capsys):
+def test_beit_pretrains_resumes_exactly_and_starts_a_student(tmp_path, monkeypatch, capsys, caplog):
     from deit.cli.main import main
+    from deit.data.datasets import load_fashion_mnist
     from deit.training import fit
     from test_ssl import assert_same_state, interrupted_after_step, pretrain_config
 
     tokens = tmp_path / "tokens.safetensors"
     assert main(["tokenizer", "--patch-size", "4", "--codebook-size", "32", "--samples", "20000",
                  "--output", str(tokens)]) == 0  # fmt: skip
-    assert json.loads(capsys.readouterr().out)["patch_size"] == 4
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["patch_size"] == 4
     beit = {"model.name": "deit_pico_patch4_28", "pretrain.tokenizer": str(tokens), "optim.epochs": 2}
-    whole = fit(pretrain_config(tmp_path / "whole", "beit", **beit))
-    steps = [json.loads(line) for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
-    assert steps[-1]["loss"] < steps[0]["loss"]  # it learns to predict the masked tokens
+    with caplog.at_level(logging.INFO, logger="deit"):
+        whole = fit(pretrain_config(tmp_path / "whole", "beit", **beit))
+    # the run's log says which tokenizer it used: the file, what it is, and its tensors' fingerprint
+    assert "BEiT's targets: the kmeans tokenizer of 32 tokens for 1-channel 4 px patches" in caplog.text
+    assert f"fingerprint {printed['fingerprint']}" in caplog.text
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
+    assert len(losses) == 8  # 4 steps an epoch
+    # it learns to predict the masked tokens: the last steps' mean loss against the first steps', not one pair
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
     assert whole.final["num_samples"] == 10000  # the kNN monitor scored the patch tokens' mean
     assert whole.model.backbone.pool == "mean"
+    # and its representation has not collapsed: different images keep different features
+    _, test = load_fashion_mnist(None, False)
+    with torch.no_grad():
+        features = whole.model.representation.eval()((test.images[:64].float() / 255 - 0.2860) / 0.3530)
+    directions = F.normalize(features, dim=1)
+    cosines = (directions @ directions.T)[~torch.eye(64, dtype=torch.bool)]  # every pair of different images
+    assert cosines.mean() < 0.9 and features.std(dim=0).mean() > 0.05
 
     saved = interrupted_after_step(pretrain_config(tmp_path / "cut", "beit", **beit), 5, monkeypatch)
     assert saved["epoch_step"] > 0 and "tokenizer.codebook" in saved["model"]  # the tokenizer is in the checkpoint
-    resumed = fit(pretrain_config(tmp_path / "cut", "beit", **{**beit, "run.resume": "auto"}))
+    # another tokenizer in the file now: the resumed run keeps the checkpoint's, and its log says so
+    assert main(["tokenizer", "--patch-size", "4", "--codebook-size", "32", "--samples", "20000", "--seed", "1",
+                 "--output", str(tokens)]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["fingerprint"] != printed["fingerprint"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deit"):
+        resumed = fit(pretrain_config(tmp_path / "cut", "beit", **{**beit, "run.resume": "auto"}))
+    assert f"fingerprint {printed['fingerprint']}" in caplog.text
     assert_same_state(whole.model, resumed.model)
 
     student = tmp_path / "student"
@@ -202,6 +244,9 @@ def test_both_tokenizer_kinds_keep_the_patch_prototypes_apart_and_round_trip(kin
     tokenizer.save(tmp_path / "tokens.safetensors")
     again = PatchTokenizer.load(tmp_path / "tokens.safetensors")
     assert again.info == info and torch.equal(again(held_out), tokenizer(held_out))
+    assert again.fingerprint() == tokenizer.fingerprint()  # the file's, whatever its name: a run's record
+    other = train_tokenizer(tiled(200)[0], patch_size=4, codebook_size=8, dataset="test", kind=kind, seed=1)
+    assert other.fingerprint() != tokenizer.fingerprint()
 
 
 def test_the_pixel_target_variant_regresses_the_masked_patches_pixels_only():

@@ -114,7 +114,8 @@ def test_deepcluster_logs_its_clusters_and_resumes_mid_epoch_with_the_same_ones(
     history = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     first, second = history[0]["clusters"], history[1]["clusters"]
     assert 0.1 < first["nmi_labels"] <= 1 and first["nmi_previous"] is None  # even random features group classes
-    assert 0 < second["nmi_previous"] <= 1 and first["largest"] < 512 and first["empty"] == 0
+    # against the previous epoch's clusters, not against themselves (1): training moved the features between them
+    assert 0 < second["nmi_previous"] < 0.99 and first["largest"] < 512 and first["empty"] == 0
     steps = [json.loads(line) for line in (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 16 and steps[7]["loss"] < steps[0]["loss"]  # the head learns the epoch's clusters
     first_epoch = [(targets, sizes) for epoch, targets, sizes in drawn if epoch == 0]

@@ -69,6 +69,8 @@ def fit(config: TrainConfig, stop: StopRequest | None = None) -> TrainResult:
         run = build_run(config, layout)
         _log_start(run)
         progress = _resume_or_start(run, out)
+        if isinstance(run.model, Method) and (description := run.model.describe()):
+            log.info(description)
         with RunLogs(out if layout.is_main else None, config.run.tensorboard) as logs:
             logs.start(config, progress, first_step=progress.epoch * run.steps_per_epoch + progress.epoch_step)
             teacher_metrics = _evaluate_teacher(run)

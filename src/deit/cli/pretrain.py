@@ -130,5 +130,6 @@ def run_tokenizer(args: argparse.Namespace) -> int:
                                 dataset=info.name, kind=args.kind, samples=args.samples,
                                 held_out=torch.cat(held_out) if held_out else None, seed=args.seed)  # fmt: skip
     tokenizer.save(args.output)
-    print(json.dumps({"output": args.output, **asdict(tokenizer.info), "codebook_size": tokenizer.size}, indent=2))
+    print(json.dumps({"output": args.output, **asdict(tokenizer.info), "codebook_size": tokenizer.size,
+                      "fingerprint": tokenizer.fingerprint()}, indent=2))  # fmt: skip
     return 0

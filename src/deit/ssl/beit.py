@@ -53,6 +53,11 @@ class BEiT(Method):
         nn.init.trunc_normal_(self.token_head.weight, std=0.02)
         nn.init.zeros_(self.token_head.bias)
 
+    def describe(self) -> str:
+        if self.tokenizer is None:
+            return "BEiT's targets: the masked patches' pixels"
+        return f"BEiT's targets: the {self.tokenizer.describe()}"  # its tensors' as they are: resumed, the checkpoint's
+
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_embedding"}  # an input token, undecayed like the class token
 

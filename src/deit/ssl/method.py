@@ -75,6 +75,11 @@ class Method(nn.Module):
         """Nothing to do by default; DeepCluster clusters here."""
         return {}
 
+    def describe(self) -> str | None:
+        """A line for the run's log once the run has started or resumed, if the method has more to say than its
+        config (BEiT: which tokenizer makes its targets)."""
+        return None
+
     def sample_weights(self) -> torch.Tensor | None:
         """How this epoch draws the training images, read after ``before_epoch``: None, each once (the default);
         otherwise one weight per image, drawn with replacement in proportion (DeepCluster: uniform over clusters)."""

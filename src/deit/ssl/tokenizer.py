@@ -24,11 +24,14 @@ how many tokens carry the data, out of K.
 
 The tokenizer and its description are one safetensors file. A pretraining
 run keeps the tokenizer as buffers in its checkpoint and the file's path in
-its config.
+its config. Once it has started or resumed, it logs the description and a
+fingerprint of the tokenizer it trains with (``PatchTokenizer.fingerprint``,
+which ``deit tokenizer`` prints too): resumed, that is the checkpoint's copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -79,6 +82,23 @@ class PatchTokenizer(nn.Module):
     @property
     def size(self) -> int:
         return len(self.codebook)
+
+    def fingerprint(self) -> str:
+        """12 hex digits of the sha256 of its tensors: which tokenizer a run used, whatever the file's name."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:12]
+
+    def describe(self) -> str:
+        """One line for a run's log: what the tokens are and how well they keep the patches."""
+        info = self.info
+        return (
+            f"{info.kind} tokenizer of {self.size} tokens for {info.in_chans}-channel {info.patch_size} px patches, "
+            f"fitted to {info.samples} patches of {info.dataset} (held-out error {info.reconstruction_mse:.4f}, "
+            f"perplexity {info.perplexity:.0f}), fingerprint {self.fingerprint()}"
+        )
 
     @torch.no_grad()
     def tokens_of_patches(self, patches: torch.Tensor) -> torch.Tensor:
