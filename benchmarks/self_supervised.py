@@ -41,6 +41,8 @@ the pretrained checkpoint, which is not committed: it trains only where that che
 is read back where it already finished. ``--report-only`` trains nothing and writes the table of the
 runs that are finished. After a fix that changes what runs compute, ``--retrain-before COMMIT`` trains
 again the finished runs it visits that an older commit trained (the old run is kept beside its folder).
+A finished run whose pretrained checkpoint, teacher or tokenizer was written after it finished (that
+pretraining ran again) is stale, and trains again the same way.
 A pilot on other settings writes its own table (``--output``) from the same runs: ``--first-seed`` picks
 its seeds, and students of another ``--student-epochs`` train in folders that name it.
 """
@@ -134,27 +136,39 @@ def run_or_read(args: argparse.Namespace, config, folder: Path) -> dict | None:
     it has not finished."""
     if args.report_only and not finished(folder):
         return None
-    if args.retrain_before and not args.report_only and finished(folder) and trained_before(folder, args):
-        set_aside_to_retrain(args, config, folder)
+    if not args.report_only and finished(folder):
+        if args.retrain_before and trained_before(folder, args):
+            set_aside_to_retrain(args, config, folder, f"was trained before {args.retrain_before}")
+        elif newer := newer_starts(config, folder):  # its pretraining or teacher trained again since: stale
+            set_aside_to_retrain(args, config, folder, f"started from {', '.join(newer)}, written since it finished")
     summary = train_or_read(config, folder)
     return summary if summary is None else {**summary, "folder": folder.relative_to(args.work_dir).as_posix()}
 
 
-def set_aside_to_retrain(args: argparse.Namespace, config, folder: Path) -> None:
-    """Move the finished run in ``folder`` to FOLDER-before-COMMIT (-2, -3... if an earlier one is there), so
-    that it trains again; unless what it starts from is gone, in which case it stays and is read."""
-    missing = [path for path in (config.model.init, config.distill.teacher_path, config.pretrain.tokenizer)
-               if path and not Path(path).is_file()]  # fmt: skip
+def starts(config) -> list[str]:
+    """The files a run starts from: its pretrained checkpoint, its teacher, its tokenizer."""
+    return [path for path in (config.model.init, config.distill.teacher_path, config.pretrain.tokenizer) if path]
+
+
+def newer_starts(config, folder: Path) -> list[str]:
+    """The files the finished run in ``folder`` starts from that were written after it finished."""
+    finished_at = (folder / "summary.json").stat().st_mtime
+    return [path for path in starts(config) if Path(path).is_file() and Path(path).stat().st_mtime > finished_at]
+
+
+def set_aside_to_retrain(args: argparse.Namespace, config, folder: Path, why: str) -> None:
+    """Move the finished run in ``folder`` (which ``why``) to FOLDER-before-NAME (-2, -3... if an earlier one is
+    there; NAME: the --retrain-before commit, else this checkout's), so that it trains again; unless what it
+    starts from is gone, in which case it stays and is read."""
+    missing = [path for path in starts(config) if not Path(path).is_file()]
     if missing:
-        logging.warning("%s was trained before %s, but cannot train again without %s: read as it is",
-                        folder, args.retrain_before, ", ".join(missing))  # fmt: skip
+        logging.warning("%s %s, but cannot train again without %s: read as it is", folder, why, ", ".join(missing))
         return
-    names = (
-        f"{folder.name}-before-{args.retrain_before}{'' if copy == 1 else f'-{copy}'}" for copy in itertools.count(1)
-    )
+    tag = args.retrain_before or commit().split()[0]
+    names = (f"{folder.name}-before-{tag}{'' if copy == 1 else f'-{copy}'}" for copy in itertools.count(1))
     aside = next(folder.with_name(name) for name in names if not folder.with_name(name).exists())
     folder.rename(aside)
-    logging.info("%s was trained before %s: kept as %s, trained again", folder, args.retrain_before, aside)
+    logging.info("%s %s: kept as %s, trained again", folder, why, aside)
 
 
 def resolved_commit(ref: str) -> str:

@@ -446,6 +446,52 @@ def test_self_supervised_retrains_only_the_runs_an_older_commit_trained_and_keep
     assert visited == [("finetune", True)] and not (tmp_path / f"runs/finetune-before-{fix}").exists()
 
 
+def test_self_supervised_retrains_a_run_whose_pretraining_or_teacher_was_written_after_it_finished(
+    tmp_path, monkeypatch
+):
+    import json
+    import os
+
+    import self_supervised
+
+    from deit.config import TrainConfig, with_overrides
+
+    visited = []  # each folder train_or_read saw, and whether a finished run was there to read
+    monkeypatch.setattr(
+        self_supervised,
+        "train_or_read",
+        lambda config, folder: visited.append((folder.name, self_supervised.finished(folder))) or {},
+    )
+    monkeypatch.setattr(self_supervised, "commit", lambda: "abc1234 with uncommitted changes")
+    args = self_supervised.parse_args(["--work-dir", str(tmp_path / "runs")])
+    pretrained, teacher = tmp_path / "pretrained.pth", tmp_path / "teacher.pth"
+    for path in (pretrained, teacher):
+        path.write_bytes(b"weights")
+        os.utime(path, (1000, 1000))
+
+    def finished_run(name: str, at: float) -> Path:
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"minutes": 1.0}))
+        os.utime(folder / "summary.json", (at, at))
+        return folder
+
+    finetune = with_overrides(TrainConfig(), {"model.init": str(pretrained)})
+    student = with_overrides(TrainConfig(), {"distill.teacher_path": str(teacher)})
+    self_supervised.run_or_read(args, finetune, finished_run("fresh", 2000))  # finished after its start: read
+    self_supervised.run_or_read(args, finetune, finished_run("stale", 500))  # its pretraining trained again since
+    self_supervised.run_or_read(args, student, finished_run("student", 500))  # its teacher trained again since
+    self_supervised.run_or_read(args, TrainConfig(), finished_run("scratch", 500))  # starts from nothing: read
+    assert visited == [("fresh", True), ("stale", False), ("student", False), ("scratch", True)]
+    assert (tmp_path / "runs/stale-before-abc1234/summary.json").is_file()
+    assert (tmp_path / "runs/student-before-abc1234/summary.json").is_file()
+
+    visited.clear()  # --report-only trains nothing, stale or not
+    report = self_supervised.parse_args(["--work-dir", str(tmp_path / "runs"), "--report-only"])
+    self_supervised.run_or_read(report, finetune, finished_run("stale-read", 500))
+    assert visited == [("stale-read", True)]
+
+
 def test_self_supervised_restore_leaves_a_folder_being_trained_alone_and_keeps_only_the_runs_own_record(tmp_path):
     import json
 
