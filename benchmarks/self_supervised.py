@@ -446,7 +446,7 @@ def report(args, argv, pretrained, few, started, tuned=None) -> str:
 
         minutes = whole_minutes([summary for summary, _ in runs])
         lines.append(
-            f"| {run_name(args, method)} | {pretrain_epochs(args, method)} | {len(runs)} | {column(0, 'linear_acc1')} "
+            f"| {run_name(args, method)} | {epochs_of(args, method, runs)} | {len(runs)} | {column(0, 'linear_acc1')} "
             f"| {column(0, 'knn_acc1')} | {column(1, 'linear_acc1')} / {column(1, 'knn_acc1')} "
             f"| {column(2, 'linear_acc1')} / {column(2, 'knn_acc1')} | {minutes} "
             f"| {machines([summary for summary, _ in runs])} | {trained_at(runs)} |"
@@ -479,6 +479,14 @@ def report(args, argv, pretrained, few, started, tuned=None) -> str:
         lines += ["", *fine_tuned_table(args, tuned)]
     lines += ["", "## Goals", "", *goals(args, pretrained, few)]
     return "\n".join(lines) + "\n"
+
+
+def epochs_of(args: argparse.Namespace, method: str, runs: list) -> str:
+    """The epochs the runs of a row pretrained for, as their settings say (the budget asked where none is saved);
+    a row whose seeds differ names each."""
+    asked = pretrain_epochs(args, method)
+    epochs = {(summary.get("config") or {}).get("optim", {}).get("epochs", asked) for summary, _ in runs}
+    return ", ".join(str(count) for count in sorted(epochs))
 
 
 def fine_tuned_table(args: argparse.Namespace, tuned: dict[str, dict[float, list[dict]]]) -> list[str]:
