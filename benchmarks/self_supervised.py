@@ -80,7 +80,9 @@ BEIT_MODEL = "deit_nano_patch7_28"  # the student's architecture, without the di
 # budget is 30), from a one-epoch pilot of every method at commit 1787f28 (images/s, 2-core Xeon, bf16):
 # SimCLR 836, MoCo v2 558, MoCo v3 567, BYOL 582, BEiT 2077, DeepCluster 1228 (+12 s of k-means an epoch),
 # CPC 545, CMC 849 (its two encoders, each on one view). The table states the epochs and the minutes each run took.
-PRETRAIN_EPOCHS = {"simclr": 20, "moco": 15, "mocov3": 15, "byol": 15, "beit": 50, "deepcluster": 25, "cpc": 15,
+# CPC's 15 epochs from that pilot took 40.4 minutes in its run at ecb8483: once trained, its epochs ran at 375-448
+# images/s (pilots/cpc_speed.md), so it has 12.
+PRETRAIN_EPOCHS = {"simclr": 20, "moco": 15, "mocov3": 15, "byol": 15, "beit": 50, "deepcluster": 25, "cpc": 12,
                    "cmc": 20}  # fmt: skip
 # BEiT is judged by fine-tuning at 10 % and 100 % of the labels, each against a from-scratch student of BEiT's total
 # epochs (about half an hour a run here); at 1 % it would cost another such run for a column no goal reads.
