@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import self_supervised
-from distillation_table import commit, mean_std, whole_minutes
+from distillation_table import commit, machines, mean_std, whole_minutes
 
 from deit.ssl.masking import BlockMasks
 from deit.ssl.tokenizer import PatchTokenizer
@@ -104,7 +104,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, list[di
         "",
         f"Command: `{shlex.join(['python', 'benchmarks/beit_targets.py', *argv])}`",
         "",
-        f"Measured at commit {commit()}. `{self_supervised.BEIT_MODEL}` pretrained by BEiT for {epochs} epochs of the "
+        f"Written at commit {commit()}, each row pretrained at the commit it names (finished runs are read, not "
+        f"retrained). `{self_supervised.BEIT_MODEL}` pretrained by BEiT for {epochs} epochs of the "
         f"60,000 Fashion-MNIST images, {BlockMasks(grid=4).target} of its 16 patches masked in blocks (40 % rounded, "
         "never overshot, as BEiT's code does). Fine-tuned: the student started from "
         f"it, {args.student_epochs} epochs of the pool with {FRACTION:.0%} of the labels; from scratch: the same "
@@ -113,8 +114,8 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, list[di
         "the perplexity of the tokens' use. Mean ± std over seeds; top-1 (%) on the 10,000 test images.",
         "",
         "| target | seeds | tokenizer error | perplexity | fine-tuned, 10 % labels | from scratch, same epochs "
-        "| linear probe | kNN | pretraining minutes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| linear probe | kNN | pretraining minutes | machine: matmul GFLOP/s, fp32 / bf16 | pretrained at |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for target, runs in results.items():
         tokenizer = runs[0]["tokenizer"]  # fitted once, shared by the seeds
@@ -126,9 +127,11 @@ def report(args: argparse.Namespace, argv: list[str], results: dict[str, list[di
         def probe(key: str, runs=runs) -> str:
             return mean_std([run["probe"][0][key] for run in runs])
 
-        minutes = whole_minutes([run["pretrain"] for run in runs])
+        pretrained = [run["pretrain"] for run in runs]
+        commits = ", ".join(dict.fromkeys(summary.get("commit", "not recorded") for summary in pretrained))
         lines.append(f"| {target} | {len(runs)} | {error} | {perplexity} | {top1('finetune')} | {top1('scratch')} "
-                     f"| {probe('linear_acc1')} | {probe('knn_acc1')} | {minutes} |")  # fmt: skip
+                     f"| {probe('linear_acc1')} | {probe('knn_acc1')} | {whole_minutes(pretrained)} "
+                     f"| {machines(pretrained)} | {commits} |")  # fmt: skip
     if results:
         best = max(results, key=lambda target: fine_tuned(results[target]))
         lines += ["", f"Best fine-tuned at {FRACTION:.0%} of the labels: **{best}** ({fine_tuned(results[best]):.2f})."]

@@ -153,15 +153,17 @@ def test_beit_targets_table_gives_each_targets_tokenizer_figures_and_names_the_b
 
     def result(finetune: float, scratch: float, tokenizer: dict | None) -> dict:
         probe = [{"linear_acc1": 70.0, "knn_acc1": 60.0}] * 3
-        return {"pretrain": {"minutes": 25.0}, "probe": probe, "finetune": {"final": {"acc1": finetune}},
-                "scratch": {"final": {"acc1": scratch}}, "tokenizer": tokenizer}  # fmt: skip
+        return {"pretrain": {"minutes": 25.0, "commit": "abc1234"}, "probe": probe,
+                "finetune": {"final": {"acc1": finetune}}, "scratch": {"final": {"acc1": scratch}},
+                "tokenizer": tokenizer}  # fmt: skip
 
     results = {
         "kmeans": [result(84.0, 83.0, {"mse": 0.1147, "perplexity": 92.4}), result(85.0, 83.0, None)],
         "pixels": [result(86.0, 83.0, None)],
     }
     text = beit_targets.report(beit_targets.parse_args([]), [], results)
-    assert "| kmeans | 2 | 0.1147 | 92 | 84.50 ± 0.71 | 83.00 ± 0.00 | 70.00 ± 0.00 | 60.00 ± 0.00 | 25.0 |" in text
+    assert "| kmeans | 2 | 0.1147 | 92 | 84.50 ± 0.71 | 83.00 ± 0.00 | 70.00 ± 0.00 | 60.00 ± 0.00 | 25.0 " in text
+    assert "| 25.0 | not measured | abc1234 |" in text  # each row's machine and commit
     assert "| pixels | 1 | n/a | n/a | 86.00 | 83.00 |" in text
     assert "Best fine-tuned at 10% of the labels: **pixels** (86.00)." in text
 
