@@ -42,7 +42,7 @@ is read back where it already finished. ``--report-only`` trains nothing and wri
 runs that are finished. After a fix that changes what runs compute, ``--retrain-before COMMIT`` trains
 again the finished runs it visits that an older commit trained (the old run is kept beside its folder).
 A finished run whose pretrained checkpoint, teacher or tokenizer was written after it finished (that
-pretraining ran again) is stale, and trains again the same way.
+pretraining ran again) is stale, and trains again the same way (``--report-only`` leaves it out).
 A pilot on other settings writes its own table (``--output``) from the same runs: ``--first-seed`` picks
 its seeds, and students of another ``--student-epochs`` train in folders that name it.
 """
@@ -138,10 +138,15 @@ def run_or_read(args: argparse.Namespace, config, folder: Path) -> dict | None:
     it has not finished."""
     if args.report_only and not finished(folder):
         return None
+    newer = newer_starts(config, folder) if finished(folder) else []  # its pretraining or teacher ran again since
+    if args.report_only and newer:
+        logging.warning("%s started from %s, written since it finished: stale, left out of the table", folder,
+                        ", ".join(newer))  # fmt: skip
+        return None
     if not args.report_only and finished(folder):
         if args.retrain_before and trained_before(folder, args):
             set_aside_to_retrain(args, config, folder, f"was trained before {args.retrain_before}")
-        elif newer := newer_starts(config, folder):  # its pretraining or teacher trained again since: stale
+        elif newer:
             set_aside_to_retrain(args, config, folder, f"started from {', '.join(newer)}, written since it finished")
     summary = train_or_read(config, folder)
     return summary if summary is None else {**summary, "folder": folder.relative_to(args.work_dir).as_posix()}

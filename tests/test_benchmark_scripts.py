@@ -492,10 +492,11 @@ def test_self_supervised_retrains_a_run_whose_pretraining_or_teacher_was_written
     assert (tmp_path / "runs/stale-before-abc1234/summary.json").is_file()
     assert (tmp_path / "runs/student-before-abc1234/summary.json").is_file()
 
-    visited.clear()  # --report-only trains nothing, stale or not
+    visited.clear()  # --report-only trains nothing, and leaves a stale run out of the table
     report = self_supervised.parse_args(["--work-dir", str(tmp_path / "runs"), "--report-only"])
-    self_supervised.run_or_read(report, finetune, finished_run("stale-read", 500))
-    assert visited == [("stale-read", True)]
+    assert self_supervised.run_or_read(report, finetune, finished_run("stale-read", 500)) is None
+    assert self_supervised.run_or_read(report, finetune, finished_run("fresh-read", 2000)) == {"folder": "fresh-read"}
+    assert visited == [("fresh-read", True)] and self_supervised.finished(tmp_path / "runs/stale-read")
 
 
 def test_self_supervised_restore_leaves_a_folder_being_trained_alone_and_keeps_only_the_runs_own_record(tmp_path):
