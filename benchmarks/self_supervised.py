@@ -41,7 +41,7 @@ the pretrained checkpoint, which is not committed: it trains only where that che
 is read back where it already finished. ``--report-only`` trains nothing and writes the table of the
 runs that are finished. After a fix that changes what runs compute, ``--retrain-before COMMIT`` trains
 again the finished runs it visits that an older commit trained (the old run is kept beside its folder).
-A finished run whose pretrained checkpoint, teacher or tokenizer was written after it finished (that
+A finished run whose pretrained checkpoint or teacher was written after it finished (that
 pretraining ran again) is stale, and trains again the same way (``--report-only`` leaves it out).
 A pilot on other settings writes its own table (``--output``) from the same runs: ``--first-seed`` picks
 its seeds, and students of another ``--student-epochs`` train in folders that name it.
@@ -158,9 +158,14 @@ def starts(config) -> list[str]:
 
 
 def newer_starts(config, folder: Path) -> list[str]:
-    """The files the finished run in ``folder`` starts from that were written after it finished."""
+    """The pretrained checkpoint or teacher of the finished run in ``folder``, if written after it finished.
+
+    Not the tokenizer: it is fitted once per work folder, the same from the same images, and fitted again only
+    where its file was lost; that leaves the runs it served as they were.
+    """
     finished_at = (folder / "summary.json").stat().st_mtime
-    return [path for path in starts(config) if Path(path).is_file() and Path(path).stat().st_mtime > finished_at]
+    return [path for path in (config.model.init, config.distill.teacher_path)
+            if path and Path(path).is_file() and Path(path).stat().st_mtime > finished_at]  # fmt: skip
 
 
 def set_aside_to_retrain(args: argparse.Namespace, config, folder: Path, why: str) -> None:

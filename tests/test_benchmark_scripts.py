@@ -488,7 +488,9 @@ def test_self_supervised_retrains_a_run_whose_pretraining_or_teacher_was_written
     self_supervised.run_or_read(args, finetune, finished_run("stale", 500))  # its pretraining trained again since
     self_supervised.run_or_read(args, student, finished_run("student", 500))  # its teacher trained again since
     self_supervised.run_or_read(args, TrainConfig(), finished_run("scratch", 500))  # starts from nothing: read
-    assert visited == [("fresh", True), ("stale", False), ("student", False), ("scratch", True)]
+    tokens = with_overrides(TrainConfig(), {"pretrain.method": "beit", "pretrain.tokenizer": str(teacher)})
+    self_supervised.run_or_read(args, tokens, finished_run("beit", 500))  # a tokenizer fitted again: not stale
+    assert visited == [("fresh", True), ("stale", False), ("student", False), ("scratch", True), ("beit", True)]
     assert (tmp_path / "runs/stale-before-abc1234/summary.json").is_file()
     assert (tmp_path / "runs/student-before-abc1234/summary.json").is_file()
 
