@@ -166,6 +166,23 @@ def test_a_cuda_run_joins_a_group_that_serves_cpu_and_cuda_tensors(monkeypatch):
     assert joined[1] == "gloo"
 
 
+def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """No GPU here: CUDA's presence is patched. ``auto`` and ``cuda`` name LOCAL_RANK's GPU under torchrun."""
+    from deit.distributed import DeviceError, Distributed, resolve_device
+
+    third_on_its_node = Distributed(rank=5, world_size=8, local_rank=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", third_on_its_node) == torch.device("cuda:2")
+    assert resolve_device("cuda", third_on_its_node) == torch.device("cuda:2")
+    assert resolve_device("cuda:1", third_on_its_node) == torch.device("cuda:1")  # named by the user: kept
+    assert resolve_device("cuda") == torch.device("cuda")  # one process: whichever GPU torch picks
+    assert resolve_device("cpu", third_on_its_node) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", third_on_its_node) == torch.device("cpu")
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        resolve_device("cuda", third_on_its_node)
+
+
 @needs_fashion_mnist
 def test_moco_under_torchrun_queues_the_keys_of_both_processes(tmp_path):
     """Each step queues 2 views x the global batch: the queue is the same on every process, as MoCo's across GPUs."""

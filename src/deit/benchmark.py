@@ -22,11 +22,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from deit.data.batch import Batch
+from deit.distributed import resolve_device
 from deit.engine import Precision, StepParts, train_steps
 from deit.errors import DeitError
 from deit.losses import DistillationLoss
 from deit.models import VisionTransformer, create_model, is_deit_model
-from deit.run import attention_kernel, resolve_device
+from deit.run import attention_kernel
 
 DTYPES = ("fp32", "bf16", "fp16")
 CPU_AUTO_BATCH_LIMIT = 256  # on CPU nothing runs out of memory first: "auto" stops here

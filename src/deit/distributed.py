@@ -19,6 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deit.errors import DeitError
+
+
+class DeviceError(DeitError, RuntimeError):
+    """A device asked for that this machine does not have."""
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -76,6 +82,19 @@ def from_environment() -> Distributed:
     if world_size == 1:
         return Distributed()
     return Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, layout: Distributed | None = None) -> torch.device:
+    """The device to run on; under torchrun, ``auto`` and ``cuda`` mean this process's GPU (LOCAL_RANK)."""
+    local_rank = layout.local_rank if layout is not None and layout.enabled else None
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name} asked for, but CUDA is not available on this machine")
+    return device
 
 
 def backend_for(device: torch.device) -> str:

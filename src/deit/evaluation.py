@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from deit.checkpoint import Checkpoint
+from deit.distributed import resolve_device
 from deit.engine import Precision, evaluate
-from deit.run import resolve_device
 
 
 def evaluate_checkpoint(

@@ -32,9 +32,9 @@ import torch
 from deit.config import TrainConfig, with_overrides
 from deit.data import Unlabeled, build_pool_for_labelling
 from deit.data.unlabeled import pool_fingerprint
-from deit.distributed import from_environment
+from deit.distributed import from_environment, resolve_device
 from deit.pseudo_labels import PseudoLabels, predict_pool, select
-from deit.run import RunError, resolve_device
+from deit.run import RunError
 from deit.teachers import InputSpec, build_teacher
 from deit.training import fit
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from deit.checkpoint import Checkpoint
 from deit.data.transforms import eval_transform
+from deit.distributed import resolve_device
 from deit.engine import Precision
-from deit.training import resolve_device
 
 # what Pillow raises for files that are not images or are damaged; some broken PNG chunks raise SyntaxError
 UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)

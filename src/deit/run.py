@@ -20,7 +20,7 @@ from deit.checkpoint import Checkpoint, DataSpec, ModelSpec
 from deit.config import ModelConfig, TrainConfig, config_to_dict
 from deit.data import DataBundle, DatasetInfo, Unlabeled, build_data
 from deit.data.augment import build_mixup
-from deit.distributed import Distributed
+from deit.distributed import Distributed, resolve_device
 from deit.ema import ModelEma
 from deit.engine import EpochMeter, Precision, StepParts
 from deit.errors import DeitError
@@ -42,19 +42,6 @@ log = logging.getLogger("deit")
 
 class RunError(DeitError, RuntimeError):
     """A run that cannot start or continue as configured; the message says why."""
-
-
-def resolve_device(name: str, layout: Distributed | None = None) -> torch.device:
-    """The device to run on; under torchrun, ``auto`` and ``cuda`` mean this process's GPU (LOCAL_RANK)."""
-    local_rank = layout.local_rank if layout is not None and layout.enabled else None
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name} asked for, but CUDA is not available on this machine")
-    return device
 
 
 def attention_kernel(requested: str, precision: Precision | None) -> str:

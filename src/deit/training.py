@@ -27,19 +27,25 @@ from torch import nn
 
 from deit.config import TrainConfig, save_config
 from deit.data.samplers import EpochSampler, MixedEpochSampler
-from deit.distributed import Distributed, destroy_process_group, from_environment, init_process_group
+from deit.distributed import (
+    Distributed,
+    destroy_process_group,
+    from_environment,
+    init_process_group,
+    resolve_device,
+)
 from deit.engine import EpochMeter, NonFiniteLossError, evaluate, train_steps
 from deit.files import atomic_path
 from deit.interrupts import RunInterrupted, StopRequest, stop_on_signals
 from deit.progress import StepProgress
 from deit.pseudo_labels import PseudoLabelTeacher
 from deit.resume import resume, resume_source
-from deit.run import Progress, Run, RunError, build_run, model_options, resolve_device
+from deit.run import Progress, Run, RunError, build_run, model_options
 from deit.ssl.method import Method
 from deit.ssl.pretrain import epoch_context, knn_monitor
 from deit.teacher_cache import TeacherCache
 
-__all__ = ["RunError", "RunInterrupted", "TrainResult", "fit", "model_options", "resolve_device"]
+__all__ = ["RunError", "RunInterrupted", "TrainResult", "fit", "model_options"]
 
 log = logging.getLogger("deit")
 

@@ -14,9 +14,9 @@ from deit.analysis.agreement import agreement_matrix, collect_predictions, confu
 from deit.analysis.attention import token_maps
 from deit.analysis.tokens import head_cosine, token_cosine_labels, token_cosines
 from deit.checkpoint import Checkpoint
+from deit.distributed import resolve_device
 from deit.engine import Precision
 from deit.models import VisionTransformer
-from deit.run import resolve_device
 from deit.teachers import InputSpec, build_teacher
 
 log = logging.getLogger("deit")

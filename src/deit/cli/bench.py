@@ -7,7 +7,7 @@ import functools
 import json
 
 from deit.benchmark import DTYPES, BenchmarkError, Throughput, largest_batch, measure_throughput
-from deit.run import resolve_device
+from deit.distributed import resolve_device
 
 
 def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deit.data import build_probe_data
+from deit.distributed import resolve_device
 from deit.engine import Precision
 from deit.rng import seed_everything
-from deit.run import resolve_device
 from deit.ssl.knn import knn_predict
 from deit.ssl.transfer import describe, load_backbone
 
