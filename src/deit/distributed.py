@@ -1,4 +1,4 @@
-"""Several processes through torchrun: process-group set-up, who writes, and sums across processes.
+"""Several processes through torchrun: process-group set-up, each process's device, who writes, and sums across them.
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for
 each process it starts. Without them a run is a single process and every
