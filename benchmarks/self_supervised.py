@@ -164,8 +164,8 @@ def newer_starts(config, folder: Path) -> list[str]:
     where its file was lost; that leaves the runs it served as they were.
     """
     finished_at = (folder / "summary.json").stat().st_mtime
-    return [path for path in (config.model.init, config.distill.teacher_path)
-            if path and Path(path).is_file() and Path(path).stat().st_mtime > finished_at]  # fmt: skip
+    return [path for path in starts(config) if path != config.pretrain.tokenizer
+            and Path(path).is_file() and Path(path).stat().st_mtime > finished_at]  # fmt: skip
 
 
 def set_aside_to_retrain(args: argparse.Namespace, config, folder: Path, why: str) -> None:
