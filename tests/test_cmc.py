@@ -88,7 +88,7 @@ def distinguishable_queues(cmc: CMC) -> tuple[torch.Tensor, torch.Tensor]:
 def test_each_direction_of_cmc_contrasts_against_the_other_views_queue():
     cmc = small_cmc(queue_size=8).train()
     distinguishable_queues(cmc)
-    images = torch.randn(4, 1, 28, 28)
+    images = torch.randn(8, 1, 28, 28)  # grayscale: two crops of 4 images, stacked
     cmc_step(cmc, images)  # a first step on the same images: each queue now holds its view's embeddings of them
     first_queue, second_queue = cmc.first_queue.keys.clone(), cmc.second_queue.keys.clone()
     loss, z1, z2 = cmc_step(cmc, images)
@@ -109,7 +109,7 @@ def test_each_direction_of_cmc_contrasts_against_the_other_views_queue():
 def test_cmc_pushes_each_views_normalised_embeddings_into_its_own_queue_in_training_only():
     cmc = small_cmc()
     first_queue, second_queue = distinguishable_queues(cmc)
-    images = torch.randn(4, 1, 28, 28)
+    images = torch.randn(8, 1, 28, 28)  # two crops of 4 images
     cmc.eval()
     cmc_step(cmc, images)
     assert torch.equal(cmc.first_queue.keys, first_queue) and torch.equal(cmc.second_queue.keys, second_queue)
@@ -123,6 +123,24 @@ def test_cmc_pushes_each_views_normalised_embeddings_into_its_own_queue_in_train
     assert not torch.allclose(F.normalize(z1, dim=1), F.normalize(z2, dim=1), atol=1e-2)  # the views differ
     assert torch.equal(cmc.first_queue.keys[4:], first_queue[4:])  # the older keys stay
     assert torch.equal(cmc.second_queue.keys[4:], second_queue[4:])
+
+
+def test_gray_cmc_takes_the_intensity_of_one_crop_and_the_gradients_of_the_other():
+    cmc = small_cmc(channels=1)
+    assert cmc.step_input == "two views"  # the run stacks two crops of each image, as SimCLR's
+    first_crops, second_crops = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28)
+    first_view, second_view = cmc.views(torch.cat([first_crops, second_crops]))
+    assert torch.equal(first_view, first_crops)
+    assert torch.equal(second_view, cmc.split(second_crops)[1])  # not the gradients of the first crop
+    assert not torch.allclose(second_view, cmc.split(first_crops)[1])
+
+
+def test_colour_cmc_splits_one_crop_into_lightness_and_colour_as_the_paper():
+    cmc = small_cmc(channels=3)
+    assert cmc.step_input == "one view"
+    images = torch.randn(3, 3, 28, 28)
+    for mine, expected in zip(cmc.views(images), cmc.split(images), strict=True):
+        assert torch.equal(mine, expected)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -146,11 +164,14 @@ def test_a_cmc_run_learns_and_its_representation_is_both_encoders(tmp_path, caps
     from deit.config import with_overrides
     from deit.data.datasets import load_fashion_mnist
     from deit.run import build_run
+    from deit.ssl.views import TwoViews
     from deit.training import fit
     from test_ssl import pretrain_config
 
     config = pretrain_config(tmp_path / "cmc", "cmc", **{"pretrain.queue_size": 256, "optim.epochs": 4})
-    untrained = build_run(with_overrides(config, {"run.output_dir": None})).model.eval()
+    untrained_run = build_run(with_overrides(config, {"run.output_dir": None}))
+    assert isinstance(untrained_run.data.batch_transform, TwoViews)  # grayscale: two crops of each image
+    untrained = untrained_run.model.eval()
     result = fit(config)
     assert result.final["num_samples"] == 10000  # the kNN monitor scored the concatenated features
 

@@ -249,7 +249,7 @@ def _self_supervised(
     )  # fmt: skip
     backbone = Backbone(model, pool=pooling_for(config.pretrain.method))
     method = build_method(backbone, config.pretrain, setup).to(next(model.parameters()).device)
-    if method.step_input != "two views":  # BEiT, DeepCluster, CPC, CMC: one view of each image, a crop and a flip
+    if method.step_input != "two views":  # BEiT, DeepCluster, CPC, colour CMC: one view, a crop and a flip
         views = OneView(data.info.mean, data.info.std, scale=(0.4, 1.0), hflip=config.augment.hflip)
     else:
         views = TwoViews(data.info.mean, data.info.std, hflip=config.augment.hflip)

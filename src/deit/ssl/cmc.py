@@ -9,6 +9,15 @@ An image is split into two views that show different things of it:
   shape without the absolute brightness. What the two views share is then
   mostly the outline of the object, which is what its class depends on.
 
+The gradients are a fixed function of the intensity, unlike ab of L. Cut from
+the same crop, the two views then share every pixel's position, and each
+image is recognised by its low-level layout: on Fashion-MNIST the features
+probed at or below the raw pixels. So grayscale views come from two views of
+the image made as SimCLR's, each its own crop, flip, jitter and blur
+(``step_input`` "two views": the batch stacks them), and the encoders must
+agree on what survives a different crop. Colour views keep the paper's one
+crop, split into L and ab.
+
 Each view has its own encoder (the same architecture) and a linear head. The
 loss is cross-view InfoNCE in both directions. The negatives are the other
 images of the batch and a queue of earlier embeddings of the other view, as
@@ -67,7 +76,7 @@ class TwoEncoders(nn.Module):
 
 
 class CMC(Method):
-    step_input = "one view"
+    step_input = "one view"  # colour: L and ab of one crop; grayscale: "two views" (see the module's docstring)
 
     def __init__(
         self,
@@ -83,6 +92,8 @@ class CMC(Method):
     ) -> None:
         super().__init__()
         self.backbone, self.second, self.split = backbone, second, ViewSplit(mean, std)
+        if len(mean) == 1:
+            self.step_input = "two views"
         self.first_head, self.second_head = nn.Linear(backbone.dim, dim), nn.Linear(second.dim, dim)
         self.first_queue, self.second_queue = KeyQueue(queue_size, dim), KeyQueue(queue_size, dim)
         self.temperature = temperature
@@ -92,8 +103,15 @@ class CMC(Method):
     def representation(self) -> nn.Module:
         return TwoEncoders(self.backbone, self.second, self.split)
 
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two encoders' inputs: of one crop (B images), or of the two crops the batch stacks (2B)."""
+        if self.step_input == "two views":
+            first_crops, second_crops = images.chunk(2)
+            return self.split(first_crops)[0], self.split(second_crops)[1]
+        return self.split(images)
+
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        first_view, second_view = self.split(images)
+        first_view, second_view = self.views(images)
         z1 = self.first_head(self.backbone(first_view))
         z2 = self.second_head(self.second(second_view))
         queued = (self.second_queue.keys.clone(), self.first_queue.keys.clone())

@@ -56,7 +56,7 @@ class Method(nn.Module):
     """
 
     backbone: Backbone
-    # or "one view" (CPC, CMC), "view and mask" (BEiT), "view and index" (DeepCluster): see pretrain.objective
+    # or "one view" (CPC, colour CMC), "view and mask" (BEiT), "view and index" (DeepCluster): see pretrain.objective
     step_input = "two views"
 
     def losses(self, views: torch.Tensor, *masks: torch.Tensor) -> dict[str, torch.Tensor]:
