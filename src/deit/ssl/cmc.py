@@ -12,11 +12,11 @@ An image is split into two views that show different things of it:
 The gradients are a fixed function of the intensity, unlike ab of L. Cut from
 the same crop, the two views then share every pixel's position, and each
 image is recognised by its low-level layout: on Fashion-MNIST the features
-probed at or below the raw pixels. So grayscale views come from two views of
-the image made as SimCLR's, each its own crop, flip, jitter and blur
-(``step_input`` "two views": the batch stacks them), and the encoders must
-agree on what survives a different crop. Colour views keep the paper's one
-crop, split into L and ab.
+probed around the raw pixels. So a grayscale batch holds two views of each
+image made as SimCLR's, each its own crop, flip, jitter and blur
+(``step_input`` "two views"); the first encoder sees the intensity of one,
+the second the gradients of the other, and they must agree on what survives
+a different crop. Colour images keep the paper's one crop, split into L and ab.
 
 Each view has its own encoder (the same architecture) and a linear head. The
 loss is cross-view InfoNCE in both directions. The negatives are the other
