@@ -152,27 +152,12 @@ def measure_throughput(
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
 
-    def timed(step: Callable[[], None]) -> float:
-        return _timed(step, torch_device, warmup, iters, repeats)
-
-    share = None
-    if not train:
-        model.eval()
-
-        def step() -> None:
-            with torch.inference_mode(), precision.autocast():
-                runnable(images)
-
-        mode, seconds = "inference", timed(step)
-    else:
-        model.train()
-        step = _train_step(runnable, None, precision, images, labels)
-        mode, seconds = "train", timed(step)
-        if teacher_model is not None:  # timed after the student alone, to report the teacher's share
-            alone = seconds
-            step = _train_step(runnable, teacher_model, precision, images, labels)
-            mode, seconds = f"train + teacher {teacher}", timed(step)
-            share = max(0.0, 1 - alone / seconds)
+    model.train(train)
+    seconds, share, step = _time_step(
+        runnable, teacher_model, precision, images, labels, train=train,
+        timed=lambda call: _timed(call, torch_device, warmup, iters, repeats),
+    )  # fmt: skip
+    mode = "inference" if not train else "train" if teacher is None else f"train + teacher {teacher}"
     memory = _peak_memory_mb(torch_device)
     gflop = peak_share = None
     if peak:
@@ -183,6 +168,34 @@ def measure_throughput(
         name, params, input_size, batch_size, dtype, compile, mode, batch_size / seconds, memory, share, attention,
         gflop, peak_share,
     )  # fmt: skip
+
+
+def _time_step(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    precision: Precision,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    train: bool,
+    timed: Callable[[Callable[[], None]], float],
+) -> tuple[float, float | None, Callable[[], None]]:
+    """Seconds per call, the teacher's share and the timed call: an inference, a train step, or one with a teacher."""
+    if not train:
+
+        def infer() -> None:
+            with torch.inference_mode(), precision.autocast():
+                model(images)
+
+        return timed(infer), None, infer
+    step = _train_step(model, None, precision, images, labels)
+    seconds = timed(step)
+    if teacher is None:
+        return seconds, None, step
+    # timed after the student alone, to report the teacher's share
+    with_teacher = _train_step(model, teacher, precision, images, labels)
+    seconds_with_teacher = timed(with_teacher)
+    return seconds_with_teacher, max(0.0, 1 - seconds / seconds_with_teacher), with_teacher
 
 
 def _gflop_per_call(step: Callable[[], None]) -> float:

@@ -111,25 +111,43 @@ def build_data(
         train_set, unlabeled, batch_size=batch_size, repeated_aug=repeated_aug, views=views,
         num_replicas=num_replicas, rank=rank, seed=seed,
     )  # fmt: skip
-    batch_transform = None
-    if batched and _can_batch(train_set, size, rand_augment):
-        # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
-        batch_transform = BatchAugment(
-            info.mean, info.std, padding=max(1, size // 8), hflip=hflip, random_erasing=random_erasing,
-            rand_augment=_batch_rand_augment(rand_augment, info),
-        )  # fmt: skip
-        train_loader = DataLoader(
-            InMemoryBatches(*_in_memory(train_set)), batch_size=batch_size, sampler=sampler, drop_last=True,
-            collate_fn=whole_batch, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
-        )  # fmt: skip
-    else:
-        train_loader = _loader(
-            SeededSamples(train_set), batch_size, sampler, workers=num_workers, pin=pin_memory, collate=collate_samples
-        )
+    train_loader, batch_transform = _train_loader(
+        train_set, sampler, info, size, batch_size=batch_size, batched=batched, hflip=hflip,
+        rand_augment=rand_augment, random_erasing=random_erasing, workers=num_workers, pin=pin_memory,
+    )  # fmt: skip
     val_sampler = ShardSampler(len(val_set), num_replicas=num_replicas, rank=rank)
     val_loader = _loader(val_set, eval_batch_size or 2 * batch_size, val_sampler, workers=num_workers, pin=pin_memory)
     return DataBundle(train_loader, sampler, val_loader, info, size, batch_transform)
+
+
+def _train_loader(
+    train_set: Dataset,
+    sampler: Sampler,
+    info: DatasetInfo,
+    size: int,
+    *,
+    batch_size: int,
+    batched: bool,
+    hflip: float,
+    rand_augment: str | None,
+    random_erasing: float,
+    workers: int,
+    pin: bool,
+) -> tuple[DataLoader, BatchAugment | None]:
+    """The training loader, and the whole-batch augmentation that finishes its batches on the device (if any)."""
+    if not (batched and _can_batch(train_set, size, rand_augment)):
+        samples = SeededSamples(train_set)
+        return _loader(samples, batch_size, sampler, workers=workers, pin=pin, collate=collate_samples), None
+    # in-memory images, small-image recipe: gather uint8 batches, augment them whole on the device
+    augment = BatchAugment(
+        info.mean, info.std, padding=max(1, size // 8), hflip=hflip, random_erasing=random_erasing,
+        rand_augment=_batch_rand_augment(rand_augment, info),
+    )  # fmt: skip
+    loader = DataLoader(
+        InMemoryBatches(*_in_memory(train_set)), batch_size=batch_size, sampler=sampler, drop_last=True,
+        collate_fn=whole_batch, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+    )  # fmt: skip
+    return loader, augment
 
 
 def _batch_rand_augment(policy: str | None, info: DatasetInfo) -> BatchRandAugment | None:
