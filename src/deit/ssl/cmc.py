@@ -106,8 +106,8 @@ class CMC(Method):
     def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two encoders' inputs: of one crop (B images), or of the two crops the batch stacks (2B)."""
         if self.step_input == "two views":
-            first_crops, second_crops = images.chunk(2)
-            return self.split(first_crops)[0], self.split(second_crops)[1]
+            first_crops, second_crops = images.chunk(2)  # grayscale: the first view is the image itself
+            return first_crops, self.split(second_crops)[1]
         return self.split(images)
 
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
