@@ -350,9 +350,9 @@ def few_labels(args: argparse.Namespace, fraction: float, seed: int, checkpoints
         results["BEiT + fine-tune"] = run(
             STUDENT_PRESET, beit_folder, **{"optim.epochs": args.student_epochs, "model.init": str(beit)}
         )
-    cnn = checkpoints.get(args.simclrv2_method)
+    cnn = checkpoints.get(args.simclrv2_method)  # None: the caller asks for BEiT's columns only
     finetune = cnn_finetune_folder(args.simclrv2_method)  # named by its backbone's method: two methods' never mix
-    if fraction >= 1 or not ready(cnn, finetune):
+    if fraction >= 1 or cnn is None or not ready(cnn, finetune):
         return {column: summary for column, summary in results.items() if summary is not None}
     results["pretrain + fine-tune (CNN)"] = cnn_finetune(args, fraction, seed, args.simclrv2_method, cnn)
     student, teacher = f"simclrv2_{args.simclrv2_method}", work / finetune / "checkpoint.pth"

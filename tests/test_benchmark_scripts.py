@@ -144,6 +144,9 @@ def test_self_supervised_keeps_each_beit_targets_runs_apart_and_shares_the_super
     monkeypatch.setattr(self_supervised, "train_or_read", lambda config, folder: folders.append(folder) or {})
     checkpoint = {"beit": tmp_path / "beit.pth"}
     checkpoint["beit"].touch()
+    simclr_finetune = tmp_path / "labels0.1/seed0/simclr_finetune"
+    simclr_finetune.mkdir(parents=True)
+    (simclr_finetune / "summary.json").write_text("{}")  # finished: still not read, since no SimCLR was asked for
     for target in self_supervised.BEIT_TARGETS:
         args = self_supervised.parse_args(["--work-dir", str(tmp_path), "--beit-target", target])
         self_supervised.few_labels(args, 0.1, 0, checkpoint)
@@ -152,6 +155,7 @@ def test_self_supervised_keeps_each_beit_targets_runs_apart_and_shares_the_super
     assert names.count("supervised") == names.count("supervised_long") == 3  # one config: one run, read thrice
     assert sorted(name for name in names if name.endswith("_finetune")) == [
         "beit-dvae_finetune", "beit-pixels_finetune", "beit_finetune"]  # fmt: skip
+    assert not any(name.startswith("simclr") for name in names)  # BEiT's checkpoint alone: BEiT's columns alone
 
 
 def test_beit_targets_table_gives_each_targets_tokenizer_figures_and_names_the_best_fine_tuned():
